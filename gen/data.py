@@ -1,0 +1,213 @@
+"""WebDataset loader for deepgen shards (as written by `python -m data_prep`).
+
+    loader = make_loader("data/mnist", batch_size=64, seed=0, rank=0, world_size=1, workers=2)
+    for batch in loader:  # {"image": float (B,C,H,W) in [-1, 1], "label": long (B,), "position": ...}
+
+Every DataLoader worker runs one deterministic stream per epoch: the epoch's shard order
+(seeded with seed+epoch), its share of the data (split by rank and worker), a seeded shuffle
+buffer, then PNG decode. The stream is a pure function of (seed, epoch, slot), so a run resumes
+exactly from the positions stored in a checkpoint: each worker replays its epoch up to the
+stored offset without decoding, and the round-robin order of workers is rotated to match.
+
+Epoch mode (default): each sample exactly once per epoch across all ranks and workers, by shard
+when there are at least as many shards as slots, else by sample index. Resampled mode: each
+slot draws shards with replacement (open_clip's ResampledShards), for multi-node runs on few
+large shards. Streams are infinite unless `epochs` is given; training counts steps, not epochs.
+"""
+import json
+import logging
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_png
+
+log = logging.getLogger("gen.data")
+
+
+class DataError(Exception):
+    """The shard folder cannot be used (missing, not deepgen shards, wrong split)."""
+
+
+def read_manifest(root):
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{root}: no manifest.json; make shards first: python -m data_prep ... --out {root}")
+    manifest = json.loads(path.read_text())
+    return manifest
+
+
+class ShardStream(IterableDataset):
+    """Decoded, batched samples of one rank. `positions[w]` = {"epoch", "offset", "skipped"} is
+    where logical worker w resumes; `rotation` maps DataLoader worker p to logical (p + rotation) % W."""
+
+    def __init__(self, root, split="train", batch_size=64, seed=0, rank=0, world_size=1, num_workers=0,
+                 shuffle_buffer=1000, resampled=False, epochs=None, positions=None, rotation=0):
+        manifest = read_manifest(root)
+        if split not in manifest["splits"]:
+            raise DataError(f"{root} has no split {split!r} (has: {', '.join(manifest['splits'])})")
+        shards = manifest["splits"][split]["shards"]
+        self.urls = [str(Path(root) / s["name"]) for s in shards]
+        self.counts = [s["count"] for s in shards]
+        self.size, self.channels = manifest["image_size"], manifest["channels"]
+        self.class_names = manifest.get("class_names")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer, self.resampled, self.epochs = shuffle_buffer, resampled, epochs
+        self.positions = positions or {}
+        self.rotation = rotation
+        self.num_samples = sum(self.counts)
+
+    # --- one worker's stream -------------------------------------------------------------
+    def _slot(self):
+        info = get_worker_info()
+        physical = info.id if info else 0
+        logical = (physical + self.rotation) % self.num_workers
+        return logical, self.rank * self.num_workers + logical, self.world_size * self.num_workers
+
+    def _epoch_sources(self, epoch, slot, slots):
+        """(shard urls, sample stride) this slot reads in `epoch`."""
+        if self.resampled:
+            rng = random.Random(hash((self.seed, epoch, slot)))
+            return [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // slots))], None
+        order = list(self.urls)
+        random.Random(self.seed + epoch).shuffle(order)  # same order on every rank and worker
+        if len(order) >= slots:
+            return order[slot::slots], None
+        return order, (slot, slots)  # fewer shards than slots: split by sample index
+
+    def _raw_epoch(self, epoch, slot, slots, stats):
+        urls, stride = self._epoch_sources(epoch, slot, slots)
+
+        def on_tar_error(exn):  # truncated or unreadable tar: skip the rest of it, count it
+            stats["skipped"] += 1
+            _rate_limited_warning(stats, f"shard error skipped: {type(exn).__name__}: {exn}")
+            return True
+
+        samples = wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": u} for u in urls]))
+        if stride:
+            samples = (s for i, s in enumerate(samples) if i % stride[1] == stride[0])
+        rng = random.Random(hash((self.seed, epoch, slot)))
+        return _shuffle(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
+
+    def _decode(self, sample):
+        data = sample.get("png")
+        if data is None:
+            raise ValueError("sample has no png")
+        mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+        img = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        if img.shape != (self.channels, self.size, self.size):
+            raise ValueError(f"image of shape {tuple(img.shape)}, expected {(self.channels, self.size, self.size)}")
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return img, label
+
+    def __iter__(self):
+        logical, slot, slots = self._slot()
+        pos = self.positions.get(logical, {"epoch": 0, "offset": 0, "skipped": 0})
+        stats = {"skipped": pos.get("skipped", 0), "warned": 0}
+        epoch, start = pos["epoch"], pos["offset"]
+        images, labels = [], []
+        while self.epochs is None or epoch < self.epochs:
+            offset = -1
+            for offset, sample in enumerate(self._raw_epoch(epoch, slot, slots, stats)):
+                if offset < start:
+                    continue  # replaying up to the resume point: no decode
+                try:
+                    img, label = self._decode(sample)
+                except (RuntimeError, ValueError, KeyError) as e:
+                    stats["skipped"] += 1
+                    _rate_limited_warning(stats, f"corrupt sample {sample.get('__url__')}/{sample.get('__key__')} skipped: {e}")
+                    continue
+                images.append(img)
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    yield self._batch(images, labels, logical, epoch, offset + 1, stats)
+                    images, labels = [], []
+            if offset < 0 and not self.resampled and start == 0:
+                log.warning("worker %d of rank %d has no data in epoch %d (more workers than samples?)", logical, self.rank, epoch)
+                if self.epochs is None:
+                    return
+            epoch, start = epoch + 1, 0
+        if images:  # finite runs (evaluation, tests) keep the last partial batch
+            yield self._batch(images, labels, logical, epoch - 1, offset + 1, stats)
+
+    def _batch(self, images, labels, logical, epoch, offset, stats):
+        # uint8 -> [-1, 1] once per batch: a single vectorised op instead of a per-sample transform
+        image = torch.stack(images).float().div_(127.5).sub_(1.0)
+        return {"image": image, "label": torch.tensor(labels, dtype=torch.long),
+                "position": {"worker": logical, "epoch": epoch, "offset": offset, "skipped": stats["skipped"]}}
+
+
+def _shuffle(samples, bufsize, rng):
+    """Seeded shuffle buffer (webdataset's, but with an rng we own so the order is reproducible)."""
+    buf = []
+    for sample in samples:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _rate_limited_warning(stats, message):
+    stats["warned"] += 1
+    n = stats["warned"]
+    if n <= 5 or n % 100 == 0:
+        log.warning("%s (%d skipped so far in this worker)", message, stats["skipped"])
+
+
+class PositionTracker:
+    """Main-process record of where each logical worker's stream stands, from consumed batches.
+    Its state goes into checkpoints; `resume_args()` rebuilds the same stream."""
+
+    def __init__(self, num_workers, state=None):
+        self.num_workers = max(1, num_workers)
+        self.positions = {}
+        self.batches = 0
+        if state:
+            self.positions = {int(k): v for k, v in state["positions"].items()}
+            self.batches = state["batches"]
+
+    def update(self, position):
+        self.positions[position["worker"]] = {k: position[k] for k in ("epoch", "offset", "skipped")}
+        self.batches += 1
+
+    @property
+    def skipped(self):
+        return sum(p["skipped"] for p in self.positions.values())
+
+    @property
+    def epoch(self):
+        """Epoch of the next batch: the one its worker is reading."""
+        nxt = self.positions.get(self.batches % self.num_workers)
+        return nxt["epoch"] if nxt else 0
+
+    def state_dict(self):
+        return {"positions": dict(self.positions), "batches": self.batches, "num_workers": self.num_workers}
+
+    def resume_args(self):
+        # the next batch must come from logical worker (batches % W); DataLoader starts at worker 0
+        return {"positions": dict(self.positions), "rotation": self.batches % self.num_workers}
+
+
+def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split="train", shuffle_buffer=1000,
+                resampled=False, epochs=None, tracker_state=None, pin_memory=False):
+    """(DataLoader, ShardStream, PositionTracker). Batches are built inside the workers."""
+    tracker = PositionTracker(workers, tracker_state)
+    if tracker_state and tracker_state.get("num_workers", workers) != max(1, workers):
+        raise DataError(f"checkpoint was written with data.workers={tracker_state['num_workers']}; "
+                        f"resume with the same number of workers to continue the data stream exactly")
+    stream = ShardStream(root, split, batch_size, seed, rank, world_size, workers, shuffle_buffer, resampled,
+                         epochs, **tracker.resume_args())
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=workers > 0,
+                        # its own generator: creating the iterator must not draw from the global RNG
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, stream, tracker

@@ -1,0 +1,22 @@
+"""Exponential moving average of a model's weights, kept as a separate copy (G_ema)."""
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """`ema.module` is the averaged copy used for sampling; registered with the accelerator
+    (`register_for_checkpointing`) so it is saved and restored with every checkpoint."""
+
+    def __init__(self, model, decay):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for ema_p, p in zip(self.module.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), model.buffers()):
+            ema_b.copy_(b)

@@ -1,0 +1,175 @@
+"""Model families plug into the one training loop through a small interface:
+
+    family.modules      {name: nn.Module}  prepared by the accelerator, in this order
+    family.optimizers   {name: Optimizer}  one per module; `base_lr[name]` feeds the LR schedule
+    family.ema_target   name of the module whose EMA is kept (G, or the whole VAE)
+    family.train_step(batch, step, accelerator) -> {metric: 0-d tensor}; does its own
+                        backward/step for each optimizer (GAN: D then G)
+    family.generate(module, z, labels) -> images in [-1, 1]
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import nets
+from .augment import check_policy, diff_augment
+
+
+def _adam(params, lr, cfg):
+    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+class GANFamily:
+    def __init__(self, model_cfg, optim_cfg, shape, num_classes):
+        c, size, _ = shape
+        self.cfg, self.optim_cfg = model_cfg, optim_cfg
+        check_policy(model_cfg.diffaug)
+        n = num_classes if model_cfg.conditional else 0
+        if model_cfg.arch == "seed":
+            G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n), nets.SeedDiscriminator(c, n, size)
+            if size != 28:
+                raise ValueError(f"the seed GAN is the 28x28 notebook model; this data is {size}px (use --preset gan)")
+        else:
+            G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
+            D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
+        if optim_cfg.optimizer_d == "rmsprop":
+            opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, weight_decay=optim_cfg.weight_decay)
+        else:
+            opt_d = _adam(D.parameters(), optim_cfg.lr_d, optim_cfg)
+        self.modules = {"G": G, "D": D}
+        self.optimizers = {"G": _adam(G.parameters(), optim_cfg.lr, optim_cfg), "D": opt_d}
+        self.base_lr = {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
+        self.ema_target = "G"
+
+    def _d_loss(self, real_logits, fake_logits):
+        if self.cfg.gan_loss == "hinge":
+            return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()  # BCE with logits
+
+    def _g_loss(self, fake_logits):
+        return -fake_logits.mean() if self.cfg.gan_loss == "hinge" else F.softplus(-fake_logits).mean()
+
+    def train_step(self, batch, step, accelerator):
+        G, D = self.modules["G"], self.modules["D"]
+        opt_g, opt_d = self.optimizers["G"], self.optimizers["D"]
+        x = batch["image"]
+        labels = batch["label"] if self.cfg.conditional else None
+        aug = lambda t: diff_augment(t, self.cfg.diffaug)  # noqa: E731  (same policy for real and fake)
+        z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
+
+        # D: reals and fakes in one forward pass
+        with torch.no_grad():
+            fake = G(z, labels)
+        both_labels = torch.cat([labels, labels]) if labels is not None else None
+        logits = D(aug(torch.cat([x, fake.to(x.dtype)])), both_labels)
+        real_logits, fake_logits = logits.float().chunk(2)
+        loss_d = self._d_loss(real_logits, fake_logits)
+        out = {"loss_d": loss_d.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
+        if self.cfg.r1_gamma > 0 and step % self.cfg.r1_every == 0:
+            # lazy R1 (StyleGAN2): the penalty every r1_every steps, scaled up by r1_every
+            real = aug(x).detach().requires_grad_(True)
+            d_unwrapped = accelerator.unwrap_model(D)  # double backward outside the DDP wrapper
+            grad, = torch.autograd.grad(d_unwrapped(real, labels).float().sum(), real, create_graph=True)
+            r1 = grad.pow(2).sum(dim=[1, 2, 3]).mean()
+            loss_d = loss_d + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
+            out["r1"] = r1.detach()
+        opt_d.zero_grad(set_to_none=True)
+        accelerator.backward(loss_d)
+        self._clip(accelerator, D)
+        opt_d.step()
+
+        # G: through D without syncing D's gradients (they are discarded at the next D step)
+        z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
+        loss_g = self._g_loss(accelerator.unwrap_model(D)(aug(G(z, labels)), labels).float())
+        opt_g.zero_grad(set_to_none=True)
+        accelerator.backward(loss_g)
+        self._clip(accelerator, G)
+        opt_g.step()
+        out["loss_g"] = loss_g.detach()
+        return out
+
+    def _clip(self, accelerator, module):
+        if self.optim_cfg.grad_clip > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(module.parameters(), self.optim_cfg.grad_clip)
+
+    @torch.no_grad()
+    def generate(self, module, z, labels=None):
+        return module(z, labels if self.cfg.conditional else None).float().clamp(-1, 1)
+
+
+class VAEFamily:
+    def __init__(self, model_cfg, optim_cfg, shape, num_classes):
+        c, size, _ = shape
+        self.cfg, self.optim_cfg = model_cfg, optim_cfg
+        n = num_classes if model_cfg.conditional else 0
+        if model_cfg.arch == "seed":
+            if size != 28:
+                raise ValueError(f"the seed VAE is the 28x28 tutorial model; this data is {size}px (use --preset vae)")
+            enc, dec = nets.SeedEncoder(model_cfg.latent_dim, c, n, size), nets.SeedDecoder(model_cfg.latent_dim, c, n)
+        else:
+            enc = nets.Encoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
+            dec = nets.Decoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
+        vae = nets.VAE(enc, dec)
+        self.modules = {"vae": vae}
+        self.optimizers = {"vae": _adam(vae.parameters(), optim_cfg.lr, optim_cfg)}
+        self.base_lr = {"vae": optim_cfg.lr}
+        self.ema_target = "vae"
+
+    def kl_weight(self, step):
+        warm = self.cfg.kl_warmup_steps
+        return self.cfg.beta * (min(1.0, step / warm) if warm > 0 else 1.0)
+
+    def train_step(self, batch, step, accelerator):
+        vae, opt = self.modules["vae"], self.optimizers["vae"]
+        x = batch["image"]
+        labels = batch["label"] if self.cfg.conditional else None
+        if self.cfg.binarize:
+            x = (x > 0).to(x.dtype) * 2 - 1  # the tutorial's np.where(x > .5, 1, 0)
+        recon, mean, logvar, z = vae(x, labels)
+        recon, mean, logvar, z = recon.float(), mean.float(), logvar.float(), z.float()
+        if self.cfg.likelihood == "bernoulli":
+            nll = F.binary_cross_entropy_with_logits(recon, (x.float() + 1) / 2, reduction="none").sum(dim=[1, 2, 3])
+        else:
+            log_sigma = accelerator.unwrap_model(vae).log_sigma.float().clamp(min=-6.0)
+            nll = (0.5 * ((x.float() - recon) / log_sigma.exp()) ** 2 + log_sigma
+                   + 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
+        if self.cfg.kl == "mc":  # single-sample estimate log q(z|x) - log p(z), as the tutorial
+            log_q = _log_normal(z, mean, logvar)
+            log_p = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+            kl = log_q - log_p
+        else:
+            kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)
+        loss = (nll + self.kl_weight(step) * kl).mean()
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if self.optim_cfg.grad_clip > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(vae.parameters(), self.optim_cfg.grad_clip)
+        opt.step()
+        return {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
+                "elbo": -(nll + kl).mean().detach()}
+
+    def decode(self, module, z, labels=None):
+        out = module.decoder(z, labels if self.cfg.conditional else None).float()
+        return torch.sigmoid(out) * 2 - 1 if self.cfg.likelihood == "bernoulli" else out.clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(self, module, z, labels=None):
+        return self.decode(module, z, labels)
+
+    @torch.no_grad()
+    def reconstruct(self, module, x, labels=None):
+        mean, _ = module.encoder(x, labels if self.cfg.conditional else None)
+        return self.decode(module, mean, labels)
+
+
+def _log_normal(x, mean, logvar):
+    return (-0.5 * ((x - mean) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))).sum(dim=1)
+
+
+def build_family(model_cfg, optim_cfg, shape, num_classes):
+    """shape = (channels, size, size); num_classes from the shards' manifest (0: unlabeled)."""
+    if model_cfg.conditional and not num_classes:
+        raise ValueError("--model.conditional needs labeled shards; this data set has no classes")
+    cls = {"gan": GANFamily, "vae": VAEFamily}[model_cfg.family]
+    return cls(model_cfg, optim_cfg, shape, num_classes)

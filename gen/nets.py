@@ -1,0 +1,225 @@
+"""Networks, in dependency order: the seed ports, then the deep nets that adapt to the image size.
+
+Seed nets are layer-for-layer ports of the Keras originals; TF's 'valid' convolutions and
+'same' transposed convolutions are reproduced with the matching PyTorch padding."""
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _sn
+
+
+# ----------------------------------------------------------------------------- seed ports (28x28x1)
+
+class SeedGenerator(nn.Module):
+    """timsainb 2.0-GAN-fashion-mnist: dense 7x7x64, deconv 64 s2, deconv 32 s2, deconv 1 s1, sigmoid."""
+
+    def __init__(self, latent_dim=64, channels=1, num_classes=0):
+        super().__init__()
+        self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 7 * 7 * 64), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
+            nn.ConvTranspose2d(64, 64, 3, 2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 3, 2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(32, channels, 3, 1, padding=1), nn.Sigmoid())
+
+    def forward(self, z, labels=None):
+        if self.label_embed is not None:
+            z = z + self.label_embed(labels)
+        return self.net(z) * 2 - 1  # the notebook's [0, 1] images, mapped to the shards' [-1, 1]
+
+
+class SeedDiscriminator(nn.Module):
+    """conv 32 s2, conv 64 s2 (valid padding), dense 1 (logits)."""
+
+    def __init__(self, channels=1, num_classes=0, size=28):
+        super().__init__()
+        s = ((size - 3) // 2 + 1 - 3) // 2 + 1
+        self.features = nn.Sequential(nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU(),
+                                      nn.Flatten())
+        self.out = nn.Linear(64 * s * s, 1)
+        self.label_embed = nn.Embedding(num_classes, 64 * s * s) if num_classes else None
+
+    def forward(self, x, labels=None):
+        h = self.features((x + 1) / 2)  # the notebook fed D images in [0, 1]
+        out = self.out(h).squeeze(1)
+        if self.label_embed is not None:
+            out = out + (self.label_embed(labels) * h).sum(1)  # projection discriminator
+        return out
+
+
+class SeedEncoder(nn.Module):
+    """TF CVAE tutorial: conv 32 s2, conv 64 s2 (valid), dense 2*latent."""
+
+    def __init__(self, latent_dim=2, channels=1, num_classes=0, size=28):
+        super().__init__()
+        s = ((size - 3) // 2 + 1 - 3) // 2 + 1
+        self.features = nn.Sequential(nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU(),
+                                      nn.Flatten())
+        self.label_embed = nn.Embedding(num_classes, 64 * s * s) if num_classes else None
+        self.out = nn.Linear(64 * s * s, 2 * latent_dim)
+
+    def forward(self, x, labels=None):
+        h = self.features(x)
+        if self.label_embed is not None:
+            h = h + self.label_embed(labels)
+        return self.out(h).chunk(2, dim=1)
+
+
+class SeedDecoder(nn.Module):
+    """dense 7x7x32, deconv 64 s2, deconv 32 s2, deconv 1 s1 (logits)."""
+
+    def __init__(self, latent_dim=2, channels=1, num_classes=0):
+        super().__init__()
+        self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 7 * 7 * 32), nn.ReLU(), nn.Unflatten(1, (32, 7, 7)),
+            nn.ConvTranspose2d(32, 64, 3, 2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 3, 2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(32, channels, 3, 1, padding=1))
+
+    def forward(self, z, labels=None):
+        if self.label_embed is not None:
+            z = z + self.label_embed(labels)
+        return self.net(z)
+
+
+# ----------------------------------------------------------------------------- deep nets (28, 64, 128 px)
+
+def base_size(size):
+    """Smallest feature map: 7 for 28 px, 4 for powers of two (64 -> 4x4, 128 -> 4x4)."""
+    s = size
+    while s > 7 and s % 2 == 0:
+        s //= 2
+    if s not in (4, 7) and s > 7:
+        raise ValueError(f"image size {size} is not 7 or 4 times a power of two (28, 32, 64, 128, ...)")
+    return s
+
+
+def _channels(width, level, levels):
+    # widest at the smallest feature map, halving per level up, capped at 8x width
+    return width * min(8, 2 ** (levels - level))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin, cout, norm=nn.BatchNorm2d, act=nn.ReLU):
+        super().__init__()
+        self.net = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1),
+                                 norm(cout), act(), nn.Conv2d(cout, cout, 3, 1, 1), norm(cout), act())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class DownBlock(nn.Module):
+    """Residual downsampling block (avg-pool shortcut) as in SNGAN/BigGAN discriminators, with
+    the widening conv after the pool: a third of the FLOPs at the same depth."""
+
+    def __init__(self, cin, cout, sn=True, norm=None):
+        super().__init__()
+        wrap = _sn if sn else (lambda m: m)
+        self.conv1, self.conv2 = wrap(nn.Conv2d(cin, cin, 3, 1, 1)), wrap(nn.Conv2d(cin, cout, 3, 1, 1))
+        self.skip = wrap(nn.Conv2d(cin, cout, 1))
+        self.norm1 = norm(cin) if norm else nn.Identity()
+        self.norm2 = norm(cout) if norm else nn.Identity()
+        self.act, self.pool = nn.LeakyReLU(0.2), nn.AvgPool2d(2)
+
+    def forward(self, x):
+        h = self.pool(self.act(self.norm1(self.conv1(x))))
+        h = self.act(self.norm2(self.conv2(h)))
+        return h + self.skip(self.pool(x))
+
+
+class Generator(nn.Module):
+    def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
+        super().__init__()
+        self.base = base_size(size)
+        levels = int(math.log2(size // self.base))
+        c0 = _channels(width, 0, levels)
+        self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.fc = nn.Sequential(nn.Linear(latent_dim, c0 * self.base ** 2), nn.Unflatten(1, (c0, self.base, self.base)),
+                                nn.BatchNorm2d(c0), nn.ReLU())
+        self.blocks = nn.Sequential(*[UpBlock(_channels(width, i, levels), _channels(width, i + 1, levels))
+                                      for i in range(levels)])
+        self.out = nn.Sequential(nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1), nn.Tanh())
+
+    def forward(self, z, labels=None):
+        if self.label_embed is not None:
+            z = z * self.label_embed(labels)  # multiplicative conditioning keeps |z| statistics
+        return self.out(self.blocks(self.fc(z)))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, channels, size, width=64, num_classes=0, sn=True):
+        super().__init__()
+        base = base_size(size)
+        levels = int(math.log2(size // base))
+        wrap = _sn if sn else (lambda m: m)
+        self.stem = wrap(nn.Conv2d(channels, _channels(width, levels, levels), 3, 1, 1))
+        self.blocks = nn.Sequential(*[DownBlock(_channels(width, i + 1, levels), _channels(width, i, levels), sn)
+                                      for i in reversed(range(levels))])
+        c0 = _channels(width, 0, levels)
+        self.act = nn.LeakyReLU(0.2)
+        self.out = wrap(nn.Linear(c0, 1))
+        self.label_embed = wrap(nn.Embedding(num_classes, c0)) if num_classes else None
+
+    def forward(self, x, labels=None):
+        h = self.act(self.blocks(self.stem(x))).sum(dim=[2, 3])  # global sum pooling
+        out = self.out(h).squeeze(1)
+        if self.label_embed is not None:
+            out = out + (self.label_embed(labels) * h).sum(1)
+        return out
+
+
+class Encoder(nn.Module):
+    def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
+        super().__init__()
+        base = base_size(size)
+        levels = int(math.log2(size // base))
+        gn = lambda c: nn.GroupNorm(min(32, c // 4), c)  # noqa: E731 (GroupNorm: batch-size independent)
+        self.stem = nn.Conv2d(channels, _channels(width, levels, levels), 3, 1, 1)
+        self.blocks = nn.Sequential(*[DownBlock(_channels(width, i + 1, levels), _channels(width, i, levels),
+                                                sn=False, norm=gn) for i in reversed(range(levels))])
+        c0 = _channels(width, 0, levels)
+        self.label_embed = nn.Embedding(num_classes, c0 * base * base) if num_classes else None
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(c0 * base * base, 2 * latent_dim))
+
+    def forward(self, x, labels=None):
+        h = self.blocks(self.stem(x)).flatten(1)
+        if self.label_embed is not None:
+            h = h + self.label_embed(labels)
+        return self.out(h).chunk(2, dim=1)
+
+
+class Decoder(nn.Module):
+    def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
+        super().__init__()
+        base = base_size(size)
+        levels = int(math.log2(size // base))
+        gn = lambda c: nn.GroupNorm(min(32, c // 4), c)  # noqa: E731
+        c0 = _channels(width, 0, levels)
+        self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.fc = nn.Sequential(nn.Linear(latent_dim, c0 * base * base), nn.Unflatten(1, (c0, base, base)), nn.SiLU())
+        self.blocks = nn.Sequential(*[UpBlock(_channels(width, i, levels), _channels(width, i + 1, levels), gn, nn.SiLU)
+                                      for i in range(levels)])
+        self.out = nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1)
+
+    def forward(self, z, labels=None):
+        if self.label_embed is not None:
+            z = z + self.label_embed(labels)
+        return self.out(self.blocks(self.fc(z)))
+
+
+class VAE(nn.Module):
+    """Encoder + decoder in one module (one optimizer, one DDP wrapper); `log_sigma` is the
+    learned global scale of the Gaussian likelihood (sigma-VAE)."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.log_sigma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, labels=None, eps=None):
+        mean, logvar = self.encoder(x, labels)
+        z = mean + torch.exp(0.5 * logvar) * (torch.randn_like(mean) if eps is None else eps)
+        return self.decoder(z, labels), mean, logvar, z
