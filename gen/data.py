@@ -103,42 +103,43 @@ class ShardStream(IterableDataset):
         if img.shape != (self.channels, self.size, self.size):
             raise ValueError(f"image of shape {tuple(img.shape)}, expected {(self.channels, self.size, self.size)}")
         label = int(sample["cls"]) if "cls" in sample else -1
-        return img, label
+        return img, label, f"{Path(sample['__url__']).name}/{sample['__key__']}"
 
     def __iter__(self):
         logical, slot, slots = self._slot()
         pos = self.positions.get(logical, {"epoch": 0, "offset": 0, "skipped": 0})
         stats = {"skipped": pos.get("skipped", 0), "warned": 0}
         epoch, start = pos["epoch"], pos["offset"]
-        images, labels = [], []
+        images, labels, keys = [], [], []
         while self.epochs is None or epoch < self.epochs:
             offset = -1
             for offset, sample in enumerate(self._raw_epoch(epoch, slot, slots, stats)):
                 if offset < start:
                     continue  # replaying up to the resume point: no decode
                 try:
-                    img, label = self._decode(sample)
+                    img, label, key = self._decode(sample)
                 except (RuntimeError, ValueError, KeyError) as e:
                     stats["skipped"] += 1
                     _rate_limited_warning(stats, f"corrupt sample {sample.get('__url__')}/{sample.get('__key__')} skipped: {e}")
                     continue
                 images.append(img)
                 labels.append(label)
+                keys.append(key)
                 if len(images) == self.batch_size:
-                    yield self._batch(images, labels, logical, epoch, offset + 1, stats)
-                    images, labels = [], []
+                    yield self._batch(images, labels, keys, logical, epoch, offset + 1, stats)
+                    images, labels, keys = [], [], []
             if offset < 0 and not self.resampled and start == 0:
                 log.warning("worker %d of rank %d has no data in epoch %d (more workers than samples?)", logical, self.rank, epoch)
                 if self.epochs is None:
                     return
             epoch, start = epoch + 1, 0
         if images:  # finite runs (evaluation, tests) keep the last partial batch
-            yield self._batch(images, labels, logical, epoch - 1, offset + 1, stats)
+            yield self._batch(images, labels, keys, logical, epoch - 1, offset + 1, stats)
 
-    def _batch(self, images, labels, logical, epoch, offset, stats):
+    def _batch(self, images, labels, keys, logical, epoch, offset, stats):
         # uint8 -> [-1, 1] once per batch: a single vectorised op instead of a per-sample transform
         image = torch.stack(images).float().div_(127.5).sub_(1.0)
-        return {"image": image, "label": torch.tensor(labels, dtype=torch.long),
+        return {"image": image, "label": torch.tensor(labels, dtype=torch.long), "key": keys,
                 "position": {"worker": logical, "epoch": epoch, "offset": offset, "skipped": stats["skipped"]}}
 
 

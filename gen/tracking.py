@@ -48,8 +48,10 @@ def wandb_mode(setting):
 
 
 def new_run_id():
-    import wandb
-    return wandb.util.generate_id()
+    # 8 lowercase alphanumerics, the form wandb's own ids take
+    import secrets
+    import string
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def init(accelerator, cfg, config_dict, run_id, mode):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
 from . import checkpoint, tracking
@@ -43,6 +43,8 @@ class TrainResult:
     run_dir: str
     checkpoint: str | None        # newest checkpoint written or resumed from
     stopped_by: int | None = None  # the signal that stopped the run early, if any
+    modules: dict | None = None    # the trained (prepared) modules, for programmatic use
+    ema: object = None
 
 
 class TrainState:
@@ -91,6 +93,22 @@ def agree(accelerator, *flags):
         return [bool(f) for f in flags]
     t = torch.tensor([[float(f) for f in flags]], device=accelerator.device)
     return [bool(v) for v in accelerator.gather(t).amax(dim=0).tolist()]
+
+
+def data_position_for_rank(saved, accelerator):
+    """This rank's saved stream position. A checkpoint from another world size cannot continue
+    the same streams: restart the saved epoch on the new split, with a warning."""
+    if not saved:
+        return None
+    if len(saved) == accelerator.num_processes:
+        return saved[accelerator.process_index]
+    epoch = min(p["epoch"] for p in saved[0]["positions"].values()) if saved[0]["positions"] else 0
+    if accelerator.is_main_process:
+        log.warning("checkpoint was written by %d processes, this run has %d: the data stream restarts at epoch %d",
+                    len(saved), accelerator.num_processes, epoch)
+    workers = saved[0]["num_workers"]
+    return {"positions": {w: {"epoch": epoch, "offset": 0, "skipped": 0} for w in range(workers)},
+            "batches": 0, "num_workers": workers}
 
 
 def write_jsonl(path, record):
@@ -147,8 +165,8 @@ def train(cfg):
     loader, _, position = make_loader(
         cfg.data.path, tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, workers=cfg.data.workers, split=cfg.data.split,
-        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, tracker_state=state.data,
-        pin_memory=accelerator.device.type == "cuda")
+        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+        tracker_state=data_position_for_rank(state.data, accelerator), pin_memory=accelerator.device.type == "cuda")
 
     # Tracking: W&B on the main process, same run id across resumes; metrics.jsonl beside it.
     mode = tracking.wandb_mode(cfg.log.wandb) if accelerator.is_main_process else None
@@ -171,7 +189,7 @@ def train(cfg):
 
     def save(step):
         nonlocal last_ckpt
-        state.data = position.state_dict()
+        state.data = gather_object([position.state_dict()])  # every rank's stream position, by rank
         last_ckpt = checkpoint.save(accelerator, run_dir, step, {"config": config_dict, "shape": list(shape),
                                                                  "wandb_run_id": state.wandb_run_id}, tc.keep_last)
 
@@ -237,4 +255,4 @@ def train(cfg):
                 break
     bar.close()
     accelerator.end_training()
-    return TrainResult(state.step, str(run_dir), last_ckpt, stopped_by)
+    return TrainResult(state.step, str(run_dir), last_ckpt, stopped_by, family.modules, ema)
