@@ -17,7 +17,7 @@ large shards. Streams are infinite unless `epochs` is given; training counts ste
 import json
 import logging
 import random
-import tarfile
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +198,14 @@ class PositionTracker:
         return {"positions": dict(self.positions), "rotation": self.batches % self.num_workers}
 
 
+def _ignore_stop_signals(_worker_id):
+    """SLURM signals every process of a job step. A worker must neither die on SIGTERM (the main
+    process still needs batches to reach its checkpoint) nor run a handler inherited at fork
+    (submitit's USR2 requeue); the main process decides, and workers end with it."""
+    for s in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split="train", shuffle_buffer=1000,
                 resampled=False, epochs=None, tracker_state=None, pin_memory=False):
     """(DataLoader, ShardStream, PositionTracker). Batches are built inside the workers."""
@@ -208,7 +216,7 @@ def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split
     stream = ShardStream(root, split, batch_size, seed, rank, world_size, workers, shuffle_buffer, resampled,
                          epochs, **tracker.resume_args())
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=workers > 0,
+                        persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
                         # its own generator: creating the iterator must not draw from the global RNG
                         generator=torch.Generator().manual_seed(seed))
     return loader, stream, tracker

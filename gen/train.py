@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +119,13 @@ def write_jsonl(path, record):
 
 def train(cfg):
     # Setup: one Accelerator for devices, DDP, accumulation and mixed precision.
+    # (DDP warns once per process that a 1x1 conv's grad layout differs from its bucket: harmless)
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     tc = cfg.train
     config_dict = to_dict(cfg)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                              cpu=tc.cpu, log_with=None if cfg.log.wandb == "off" else "wandb")
+                              # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
+                              cpu=tc.cpu or not torch.cuda.is_available(), log_with=None if cfg.log.wandb == "off" else "wandb")
     set_seed(tc.seed, device_specific=True)  # each rank its own noise; DDP makes the weights equal
     run_dir = Path(tc.run_dir)
     if accelerator.is_main_process:

@@ -1,0 +1,43 @@
+"""The job submitit runs: training under SLURM, handing preemption back to submitit."""
+import signal
+import time
+
+import submitit
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """The callable submitit runs on every task. `checkpoint()` (called by submitit on global
+    rank 0 when the preemption/timeout signal arrives) returns a fresh task with the same
+    arguments: the requeued job resumes through `--train.resume auto`."""
+
+    def __init__(self, train_args, max_requeues=20, requeues=0):
+        self.train_args = list(train_args)
+        self.max_requeues, self.requeues = max_requeues, requeues
+
+    def __call__(self):
+        # lazy imports: the login node only pickles this object
+        from gen.config import parse
+        from gen.train import train
+
+        env = submitit.JobEnvironment()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cfg = parse(self.train_args + ["--train.resume", "auto"])
+        result = train(cfg)
+        if result.stopped_by is not None:
+            self._hand_over_to_submitit(env, result.stopped_by)
+        return {"step": result.step, "run_dir": result.run_dir, "checkpoint": result.checkpoint,
+                "requeues": self.requeues}
+
+    def _hand_over_to_submitit(self, env, signum):
+        """Every rank has saved. Rank 0 now runs submitit's own handler for the signal
+        (checkpoint() + scontrol requeue + exit); the others wait to be stopped by the requeue."""
+        handler = signal.getsignal(signum)
+        if env.global_rank == 0 and callable(handler) and signum != signal.SIGTERM:
+            handler(signum, None)
+        time.sleep(600)  # SIGTERM (scontrol requeue, scancel): SLURM ends the job itself
+        raise RuntimeError(f"stopped by signal {signum} but the job was not requeued")
+
+    def checkpoint(self, *args, **kwargs):
+        if self.requeues >= self.max_requeues:
+            return None  # submitit then ends the job instead of requeueing
+        return submitit.helpers.DelayedSubmission(TrainTask(self.train_args, self.max_requeues, self.requeues + 1))
