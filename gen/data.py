@@ -16,8 +16,11 @@ large shards. Streams are infinite unless `epochs` is given; training counts ste
 """
 import json
 import logging
+import os
 import random
 import signal
+import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,7 @@ class ShardStream(IterableDataset):
         shards = manifest["splits"][split]["shards"]
         self.urls = [str(Path(root) / s["name"]) for s in shards]
         self.counts = [s["count"] for s in shards]
+        self.expected = dict(zip(self.urls, self.counts))
         self.size, self.channels = manifest["image_size"], manifest["channels"]
         self.class_names = manifest.get("class_names")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -82,17 +86,30 @@ class ShardStream(IterableDataset):
 
     def _raw_epoch(self, epoch, slot, slots, stats):
         urls, stride = self._epoch_sources(epoch, slot, slots)
-
-        def on_tar_error(exn):  # truncated or unreadable tar: skip the rest of it, count it
-            stats["skipped"] += 1
-            _rate_limited_warning(stats, f"shard error skipped: {type(exn).__name__}: {exn}")
-            return True
-
-        samples = wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": u} for u in urls]))
+        samples = (s for url in urls for s in self._read_shard(url, stats))
         if stride:
             samples = (s for i, s in enumerate(samples) if i % stride[1] == stride[0])
         rng = random.Random(hash((self.seed, epoch, slot)))
         return _shuffle(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
+
+    def _read_shard(self, url, stats):
+        """Raw samples of one tar. A read error skips the rest of the shard; a tar that ends early
+        (webdataset stops quietly at a truncation) is caught by comparing with the manifest."""
+        def on_tar_error(exn):
+            _rate_limited_warning(stats, f"{Path(url).name}: read error, rest of shard skipped: {type(exn).__name__}: {exn}")
+            return False  # stop this shard; the count check below records what was lost
+
+        n = 0
+        try:
+            for sample in wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": url}])):
+                n += 1
+                yield sample
+        except (OSError, ValueError, tarfile.TarError) as e:
+            _rate_limited_warning(stats, f"{Path(url).name}: unreadable ({type(e).__name__}: {e})")
+        expected = self.expected[url]
+        if n < expected:
+            stats["skipped"] += expected - n
+            _rate_limited_warning(stats, f"{Path(url).name}: truncated or damaged, read {n} of {expected} samples")
 
     def _decode(self, sample):
         data = sample.get("png")
@@ -198,12 +215,22 @@ class PositionTracker:
         return {"positions": dict(self.positions), "rotation": self.batches % self.num_workers}
 
 
-def _ignore_stop_signals(_worker_id):
-    """SLURM signals every process of a job step. A worker must neither die on SIGTERM (the main
-    process still needs batches to reach its checkpoint) nor run a handler inherited at fork
-    (submitit's USR2 requeue); the main process decides, and workers end with it."""
-    for s in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(s, signal.SIG_IGN)
+def _worker_signals(_worker_id):
+    """SLURM signals every process of a job step. A worker must not die on SLURM's SIGTERM (the
+    main process may still need a batch before its checkpoint) nor run a handler inherited at
+    fork (submitit's USR2 requeue). But it must still end when its own parent terminates it
+    (DataLoader and multiprocessing shutdown do): SIGTERM is taken by a thread that reads who sent
+    it, and only the parent's ends the worker."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started below inherit the mask
+
+    def wait_for_parent_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_parent_sigterm, daemon=True, name="sigterm-from-parent").start()
 
 
 def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split="train", shuffle_buffer=1000,
@@ -216,7 +243,7 @@ def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split
     stream = ShardStream(root, split, batch_size, seed, rank, world_size, workers, shuffle_buffer, resampled,
                          epochs, **tracker.resume_args())
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
+                        persistent_workers=workers > 0, worker_init_fn=_worker_signals,
                         # its own generator: creating the iterator must not draw from the global RNG
                         generator=torch.Generator().manual_seed(seed))
     return loader, stream, tracker

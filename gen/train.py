@@ -117,7 +117,7 @@ def write_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg):
+def train(cfg, keep_process_group=False):
     # Setup: one Accelerator for devices, DDP, accumulation and mixed precision.
     # (DDP warns once per process that a 1x1 conv's grad layout differs from its bucket: harmless)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -223,6 +223,7 @@ def train(cfg):
             finite = bool(torch.stack([v.float() for v in losses.values()]).isfinite().all())
             stop_now, nonfinite = agree(accelerator, stop.signum is not None, not finite)
             if nonfinite:
+                bar.close()
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                 raise NonFiniteLoss(f"non-finite loss at step {step} ({values}); nothing saved after it. "
                                     f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower --optim.lr or "
@@ -258,5 +259,9 @@ def train(cfg):
                     bar.write(f"stop signal: checkpoint saved at step {step} -> {last_ckpt}")
                 break
     bar.close()
-    accelerator.end_training()
+    if keep_process_group:  # the caller still talks to the other ranks
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
     return TrainResult(state.step, str(run_dir), last_ckpt, stopped_by, family.modules, ema)

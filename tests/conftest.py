@@ -62,3 +62,17 @@ def mnist_shards(tmp_path_factory, digits):
     run(["-m", "data_prep", "mnist", "--source", str(root / "idx"), "--out", str(root / "shards"),
          "--shard-size", "48"], check=True)
     return root / "shards"
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch2():
+    """`accelerate launch` for 2 real DDP processes on this CPU machine (gloo). Accelerate's
+    `--cpu` alone starts one process; `--multi_gpu` makes it use torchrun."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]

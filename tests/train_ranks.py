@@ -1,0 +1,20 @@
+"""Run under 2 DDP processes: train, then rank 0 records whether every rank holds the same
+weights (and which precision and world size it ran with)."""
+import json
+import sys
+
+import torch
+
+from gen.config import parse
+from gen.train import train
+
+out, args = sys.argv[1], sys.argv[2:]
+result = train(parse(args), keep_process_group=True)
+flat = torch.cat([p.detach().float().flatten() for m in result.modules.values() for p in m.parameters()])
+digests = [None, None]
+torch.distributed.all_gather_object(digests, [float(flat.sum()), float(flat.abs().sum()), flat.numel(),
+                                              torch.distributed.get_world_size()])
+if torch.distributed.get_rank() == 0:
+    identical = all(torch.equal(torch.tensor(d), torch.tensor(digests[0])) for d in digests)
+    json.dump({"digests": digests, "identical": identical, "step": result.step}, open(out, "w"))
+torch.distributed.destroy_process_group()
