@@ -14,10 +14,15 @@ import sys
 import warnings
 
 
-def main(argv=None):
+def configure_logging():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
     warnings.filterwarnings("ignore", module="webdataset")
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+
+def main(argv=None):
+    configure_logging()
     from gen.checkpoint import CheckpointError
     from gen.config import parse
     from gen.data import DataError

@@ -18,7 +18,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         # lazy imports: the login node only pickles this object
         from gen.config import parse
         from gen.train import train
+        from jobs.train import configure_logging
 
+        configure_logging()
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = parse(self.train_args + ["--train.resume", "auto"])
