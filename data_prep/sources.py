@@ -210,9 +210,16 @@ def open_pokemon(path):
 # ----------------------------------------------------------------------------- Kaggle
 
 def kaggle_credentials_present():
+    """kaggle.json, KAGGLE_USERNAME + KAGGLE_KEY, or kaggle 2.x's access token; empty values don't count
+    (the kaggle client itself reports success on empty variables)."""
     if os.environ.get("KAGGLE_USERNAME", "").strip() and os.environ.get("KAGGLE_KEY", "").strip():
         return True
-    cfg = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle")) / "kaggle.json"
+    if os.environ.get("KAGGLE_API_TOKEN", "").strip():
+        return True
+    folder = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    if (folder / "access_token").is_file() and (folder / "access_token").read_text().strip():
+        return True
+    cfg = folder / "kaggle.json"
     try:
         creds = json.loads(cfg.read_text())
     except (OSError, ValueError):
@@ -224,7 +231,8 @@ def download_kaggle(dataset_ref, cache_dir):
     """Download and return the zip of a Kaggle data set (cached)."""
     if not kaggle_credentials_present():
         raise PrepError("no Kaggle credentials: put kaggle.json (from kaggle.com > Settings > API) in "
-                        "~/.kaggle/ (chmod 600) or set KAGGLE_USERNAME and KAGGLE_KEY; or pass --source ZIP", code=2)
+                        "~/.kaggle/ (chmod 600), set KAGGLE_USERNAME and KAGGLE_KEY, or run `kaggle auth login`; "
+                        "or pass --source ZIP", code=2)
     cache_dir = Path(cache_dir)
     target = cache_dir / (dataset_ref.split("/")[1] + ".zip")
     if target.is_file() and zipfile.is_zipfile(target):

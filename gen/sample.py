@@ -31,3 +31,35 @@ def slerp(a, b, t):
     omega = torch.acos((a_n * b_n).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
     so = torch.sin(omega)
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+def load_for_sampling(run_or_checkpoint, device="cpu"):
+    """(family, module, config, meta) rebuilt from a checkpoint folder and its meta.json alone;
+    a run dir means its newest checkpoint. The EMA weights are used when the run kept them."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import checkpoints, read_meta
+    from .config import from_dict
+    from .families import build_family
+
+    path = Path(run_or_checkpoint)
+    if not (path / "meta.json").is_file():
+        found = checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"{path}: no complete checkpoint (checkpoints/checkpoint-*/meta.json)")
+        path = found[0][1]
+    meta = read_meta(path)
+    cfg = from_dict(meta["config"])
+    num_classes = meta.get("num_classes", 0)
+    family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), num_classes)
+    names = list(family.modules)
+    target = family.ema_target
+    module = family.modules[target]
+    ema_file = path / "custom_checkpoint_0.pkl"
+    if cfg.model.ema_decay > 0 and ema_file.is_file():
+        state = torch.load(ema_file, map_location="cpu", weights_only=False)
+        module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+    else:  # accelerate names the i-th prepared model model.safetensors, model_1.safetensors, ...
+        i = names.index(target)
+        module.load_state_dict(load_file(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+    return family, module.to(device).eval(), cfg, meta

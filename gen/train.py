@@ -195,6 +195,7 @@ def train(cfg, keep_process_group=False):
         nonlocal last_ckpt
         state.data = gather_object([position.state_dict()])  # every rank's stream position, by rank
         last_ckpt = checkpoint.save(accelerator, run_dir, step, {"config": config_dict, "shape": list(shape),
+                                                                 "num_classes": num_classes,
                                                                  "wandb_run_id": state.wandb_run_id}, tc.keep_last)
 
     # The loop: one optimizer step per iteration, grad_accum micro-batches each.
