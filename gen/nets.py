@@ -11,17 +11,22 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 # ----------------------------------------------------------------------------- seed ports (28x28x1)
 
+def _seed_upsampler(latent_dim, c0, channels):
+    """Both originals' decoders: dense 7x7xc0, deconv 64 s2, deconv 32 s2, deconv `channels` s1
+    (Keras 'same' padding; stride 2 doubles 7 -> 14 -> 28)."""
+    return [nn.Linear(latent_dim, 7 * 7 * c0), nn.ReLU(), nn.Unflatten(1, (c0, 7, 7)),
+            nn.ConvTranspose2d(c0, 64, 3, 2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 3, 2, padding=1, output_padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(32, channels, 3, 1, padding=1)]
+
+
 class SeedGenerator(nn.Module):
     """timsainb 2.0-GAN-fashion-mnist: dense 7x7x64, deconv 64 s2, deconv 32 s2, deconv 1 s1, sigmoid."""
 
     def __init__(self, latent_dim=64, channels=1, num_classes=0):
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim, 7 * 7 * 64), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
-            nn.ConvTranspose2d(64, 64, 3, 2, padding=1, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 3, 2, padding=1, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, channels, 3, 1, padding=1), nn.Sigmoid())
+        self.net = nn.Sequential(*_seed_upsampler(latent_dim, 64, channels), nn.Sigmoid())
 
     def forward(self, z, labels=None):
         if self.label_embed is not None:
@@ -72,11 +77,7 @@ class SeedDecoder(nn.Module):
     def __init__(self, latent_dim=2, channels=1, num_classes=0):
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim, 7 * 7 * 32), nn.ReLU(), nn.Unflatten(1, (32, 7, 7)),
-            nn.ConvTranspose2d(32, 64, 3, 2, padding=1, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 3, 2, padding=1, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, channels, 3, 1, padding=1))
+        self.net = nn.Sequential(*_seed_upsampler(latent_dim, 32, channels))
 
     def forward(self, z, labels=None):
         if self.label_embed is not None:
