@@ -79,8 +79,8 @@ def bare_ms_per_step(shards, steps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     import logging
     logging.disable(logging.WARNING)

@@ -14,6 +14,7 @@ class DataConfig:
     workers: int = 2                # DataLoader worker processes per rank (resume needs the same number)
     shuffle_buffer: int = 2000      # samples held for shuffling, per worker
     resampled: bool = False         # draw shards with replacement (multi-node, few shards)
+    cache_mb: int = 1024            # per worker: keep decoded images in memory when the split fits; 0 = off
 
 
 @dataclass

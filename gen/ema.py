@@ -15,8 +15,10 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step):
+        # warm-up (as diffusers' EMAModel): early averages must not drag the random init along
+        decay = min(self.decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)

@@ -169,7 +169,7 @@ def train(cfg, keep_process_group=False):
     loader, _, position = make_loader(
         cfg.data.path, tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, workers=cfg.data.workers, split=cfg.data.split,
-        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, cache_mb=cfg.data.cache_mb,
         tracker_state=data_position_for_rank(state.data, accelerator), pin_memory=accelerator.device.type == "cuda")
 
     # Tracking: W&B on the main process, same run id across resumes; metrics.jsonl beside it.
@@ -218,7 +218,7 @@ def train(cfg, keep_process_group=False):
                 with accelerator.accumulate(*modules):
                     losses = family.train_step(batch, state.step, accelerator)
             if ema:
-                ema.update(accelerator.unwrap_model(family.modules[family.ema_target]))
+                ema.update(accelerator.unwrap_model(family.modules[family.ema_target]), state.step)
             state.step += 1
             step = state.step
             finite = bool(torch.stack([v.float() for v in losses.values()]).isfinite().all())

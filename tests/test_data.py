@@ -107,3 +107,15 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
     from gen.data import DataError
     with pytest.raises(DataError, match="python -m data_prep"):
         make_loader(tmp_path, batch_size=4)
+
+
+def test_resampled_mode_streams_with_replacement(mnist_shards):
+    loader, _, tracker = make_loader(mnist_shards, batch_size=16, workers=2, resampled=True, world_size=2, rank=1)
+    it = iter(loader)
+    keys = []
+    for _ in range(40):  # past a nominal epoch of this rank's slots: the stream does not end
+        batch = next(it)
+        tracker.update(batch["position"])
+        keys += batch["key"]
+    assert len(keys) == 640 and len(set(keys)) < len(keys)  # drawn with replacement
+    assert tracker.epoch >= 1
