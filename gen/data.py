@@ -23,7 +23,6 @@ import tarfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launch2, run
+from conftest import launch2, run
 from test_train import TINY, assert_same, metrics, state_files
 
 pytestmark = [pytest.mark.slurm,
