@@ -237,8 +237,8 @@ def train(cfg, keep_process_group=False):
             if step % tc.log_every == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - window_t
                 metrics = {f"train/{k}": v / window_steps for k, v in sums.items()}
-                metrics.update({"lr": family.base_lr[names[0]] * lr_factor(step - 1, cfg),
-                                "perf/img_per_s": images_per_step * window_steps / elapsed,
+                metrics.update({f"lr/{n}": family.base_lr[n] * lr_factor(step - 1, cfg) for n in names})
+                metrics.update({"perf/img_per_s": images_per_step * window_steps / elapsed,
                                 "perf/ms_per_step": 1000 * elapsed / window_steps,
                                 "data/epoch": position.epoch, "data/skipped": position.skipped})
                 if accelerator.is_main_process:

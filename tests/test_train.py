@@ -199,7 +199,7 @@ def test_wandb_offline_run_continues_across_resume(mnist_shards, tmp_path):
     steps = [s for f in files for s, _ in history(f)]
     assert steps == [2, 4, 6, 8]                          # one run, steps only increase
     keys = set().union(*(row.keys() for f in files for _, row in history(f)))
-    assert {"train/loss_d", "train/loss_g", "lr", "perf/img_per_s", "data/epoch"} <= keys
+    assert {"train/loss_d", "train/loss_g", "lr/G", "lr/D", "perf/img_per_s", "data/epoch"} <= keys
     assert any(k.startswith("samples") for k in keys)
     assert len(list(run_dir.glob("wandb/offline-run-*/files/media/images/samples_*.png"))) == 2
 
