@@ -14,7 +14,6 @@ when there are at least as many shards as slots, else by sample index. Resampled
 slot draws shards with replacement (open_clip's ResampledShards), for multi-node runs on few
 large shards. Streams are infinite unless `epochs` is given; training counts steps, not epochs.
 """
-import json
 import logging
 import os
 import random
@@ -36,11 +35,13 @@ class DataError(Exception):
 
 
 def read_manifest(root):
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{root}: no manifest.json; make shards first: python -m data_prep ... --out {root}")
-    manifest = json.loads(path.read_text())
-    return manifest
+    """The shard folder's manifest.json (format owned by data_prep), as a DataError if unusable."""
+    from data_prep import PrepError
+    from data_prep.shards import read_manifest as read
+    try:
+        return read(root)
+    except PrepError as e:
+        raise DataError(str(e)) from None
 
 
 class DecodeError(ValueError):
