@@ -137,16 +137,15 @@ class ShardStream(IterableDataset):
             _rate_limited_warning(stats, f"{Path(url).name}: truncated or damaged, {lost} samples missing")
 
     def _decode_or_error(self, sample):
+        """(image, label, key), or a DecodeError for a corrupt sample; cached items pass through."""
+        if isinstance(sample, (tuple, DecodeError)):
+            return sample
         try:
             return self._decode(sample)
         except (RuntimeError, ValueError, KeyError) as e:
             return DecodeError(f"corrupt sample {sample.get('__url__')}/{sample.get('__key__')} skipped: {e}")
 
     def _decode(self, sample):
-        if isinstance(sample, tuple):  # decoded already (cache)
-            return sample
-        if isinstance(sample, DecodeError):
-            raise sample
         data = sample.get("png")
         if data is None:
             raise ValueError("sample has no png")
@@ -168,16 +167,12 @@ class ShardStream(IterableDataset):
             for offset, sample in enumerate(self._raw_epoch(epoch, slot, slots, stats)):
                 if offset < start:
                     continue  # replaying up to the resume point: no decode
-                try:
-                    img, label, key = self._decode(sample)
-                except DecodeError as e:
+                decoded = self._decode_or_error(sample)
+                if isinstance(decoded, DecodeError):
                     stats["skipped"] += 1
-                    _rate_limited_warning(stats, str(e))
+                    _rate_limited_warning(stats, str(decoded))
                     continue
-                except (RuntimeError, ValueError, KeyError) as e:
-                    stats["skipped"] += 1
-                    _rate_limited_warning(stats, f"corrupt sample {sample.get('__url__')}/{sample.get('__key__')} skipped: {e}")
-                    continue
+                img, label, key = decoded
                 images.append(img)
                 labels.append(label)
                 keys.append(key)
