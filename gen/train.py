@@ -9,6 +9,7 @@ tracking, then one loop. A family (families.py) supplies its modules, optimizers
 everything else - devices, DDP, accumulation, mixed precision, checkpoints, signals, logging -
 is here, once.
 """
+import gc
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ class TrainResult:
     run_dir: str
     checkpoint: str | None        # newest checkpoint written or resumed from
     stopped_by: int | None = None  # the signal that stopped the run early, if any
-    modules: dict | None = None    # the trained (prepared) modules, for programmatic use
+    modules: dict | None = None    # the trained modules (unwrapped from DDP), for programmatic use
     ema: object = None
 
 
@@ -205,64 +206,72 @@ def train(cfg, keep_process_group=False):
     data_iter = iter(loader)
     window_t, window_steps, sums = time.perf_counter(), 0, {}
     stopped_by = None
-    with StopSignals() as stop:
-        while state.step < tc.steps:
-            for group_name, opt in family.optimizers.items():
-                for group in opt.param_groups:
-                    group["lr"] = family.base_lr[group_name] * lr_factor(state.step, cfg)
-            for _ in range(tc.grad_accum):
-                batch = next(data_iter)
-                position.update(batch["position"])
-                batch = {"image": batch["image"].to(accelerator.device, non_blocking=True),
-                         "label": batch["label"].to(accelerator.device, non_blocking=True)}
-                with accelerator.accumulate(*modules):
-                    losses = family.train_step(batch, state.step, accelerator)
-            if ema:
-                ema.update(accelerator.unwrap_model(family.modules[family.ema_target]), state.step)
-            state.step += 1
-            step = state.step
-            finite = bool(torch.stack([v.float() for v in losses.values()]).isfinite().all())
-            stop_now, nonfinite = agree(accelerator, stop.signum is not None, not finite)
-            if nonfinite:
-                bar.close()
-                values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                raise NonFiniteLoss(f"non-finite loss at step {step} ({values}); nothing saved after it. "
-                                    f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower --optim.lr or "
-                                    f"--train.mixed_precision no")
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            window_steps += 1
-            bar.update(1)
+    try:
+        with StopSignals() as stop:
+            while state.step < tc.steps:
+                for group_name, opt in family.optimizers.items():
+                    for group in opt.param_groups:
+                        group["lr"] = family.base_lr[group_name] * lr_factor(state.step, cfg)
+                for _ in range(tc.grad_accum):
+                    batch = next(data_iter)
+                    position.update(batch["position"])
+                    batch = {"image": batch["image"].to(accelerator.device, non_blocking=True),
+                             "label": batch["label"].to(accelerator.device, non_blocking=True)}
+                    with accelerator.accumulate(*modules):
+                        losses = family.train_step(batch, state.step, accelerator)
+                if ema:
+                    ema.update(accelerator.unwrap_model(family.modules[family.ema_target]), state.step)
+                state.step += 1
+                step = state.step
+                finite = bool(torch.stack([v.float() for v in losses.values()]).isfinite().all())
+                stop_now, nonfinite = agree(accelerator, stop.signum is not None, not finite)
+                if nonfinite:
+                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    raise NonFiniteLoss(f"non-finite loss at step {step} ({values}); nothing saved after it. "
+                                        f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower --optim.lr or "
+                                        f"--train.mixed_precision no")
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                window_steps += 1
+                bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                elapsed = time.perf_counter() - window_t
-                metrics = {f"train/{k}": v / window_steps for k, v in sums.items()}
-                metrics.update({f"lr/{n}": family.base_lr[n] * lr_factor(step - 1, cfg) for n in names})
-                metrics.update({"perf/img_per_s": images_per_step * window_steps / elapsed,
-                                "perf/ms_per_step": 1000 * elapsed / window_steps,
-                                "data/epoch": position.epoch, "data/skipped": position.skipped})
-                if accelerator.is_main_process:
-                    bar.set_postfix({"img/s": f"{metrics['perf/img_per_s']:.0f}"}, refresh=False)
-                    line = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
-                    bar.write(f"step {step}/{tc.steps} | epoch {position.epoch} | {line} | "
-                              f"{metrics['perf/ms_per_step']:.1f} ms/step | {metrics['perf/img_per_s']:.0f} img/s")
-                    write_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
-                if mode:
-                    accelerator.log(metrics, step=step)
-                window_t, window_steps, sums = time.perf_counter(), 0, {}
-            if accelerator.is_main_process and (step % tc.sample_every == 0 or step == tc.steps):
-                sample_grid(step)
-            if step % tc.ckpt_every == 0 or step == tc.steps or stop_now:
-                save(step)
-            if stop_now:
-                stopped_by = stop.signum or signal.SIGTERM  # another rank got it
-                if accelerator.is_main_process:
-                    bar.write(f"stop signal: checkpoint saved at step {step} -> {last_ckpt}")
-                break
-    bar.close()
-    if keep_process_group:  # the caller still talks to the other ranks
-        for tracker in accelerator.trackers:
-            tracker.finish()
-    else:
-        accelerator.end_training()
-    return TrainResult(state.step, str(run_dir), last_ckpt, stopped_by, family.modules, ema)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    elapsed = time.perf_counter() - window_t
+                    metrics = {f"train/{k}": v / window_steps for k, v in sums.items()}
+                    metrics.update({f"lr/{n}": family.base_lr[n] * lr_factor(step - 1, cfg) for n in names})
+                    metrics.update({"perf/img_per_s": images_per_step * window_steps / elapsed,
+                                    "perf/ms_per_step": 1000 * elapsed / window_steps,
+                                    "data/epoch": position.epoch, "data/skipped": position.skipped})
+                    if accelerator.is_main_process:
+                        bar.set_postfix({"img/s": f"{metrics['perf/img_per_s']:.0f}"}, refresh=False)
+                        line = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
+                        bar.write(f"step {step}/{tc.steps} | epoch {position.epoch} | {line} | "
+                                  f"{metrics['perf/ms_per_step']:.1f} ms/step | {metrics['perf/img_per_s']:.0f} img/s")
+                        write_jsonl(run_dir / "metrics.jsonl", {"step": step, **metrics})
+                    if mode:
+                        accelerator.log(metrics, step=step)
+                    window_t, window_steps, sums = time.perf_counter(), 0, {}
+                if accelerator.is_main_process and (step % tc.sample_every == 0 or step == tc.steps):
+                    sample_grid(step)
+                if step % tc.ckpt_every == 0 or step == tc.steps or stop_now:
+                    save(step)
+                if stop_now:
+                    stopped_by = stop.signum or signal.SIGTERM  # another rank got it
+                    if accelerator.is_main_process:
+                        bar.write(f"stop signal: checkpoint saved at step {step} -> {last_ckpt}")
+                    break
+    finally:
+        bar.close()
+        # Drop the DDP wrappers (they own the process group) and the loader's workers while Python
+        # is fully alive: a gloo thread freeing the last tensor during interpreter exit aborts
+        # the process ("terminate called without an active exception").
+        plain_modules = {n: accelerator.unwrap_model(m) for n, m in family.modules.items()}
+        family.modules, modules, prepared, data_iter, loader = plain_modules, None, None, None, None
+        accelerator.free_memory()
+        gc.collect()
+        if keep_process_group:  # the caller still talks to the other ranks
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        else:
+            accelerator.end_training()
+    return TrainResult(state.step, str(run_dir), last_ckpt, stopped_by, plain_modules, ema)
