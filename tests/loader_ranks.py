@@ -1,4 +1,4 @@
-"""Run under `accelerate launch --cpu --num_processes 2`: every rank reads one epoch of the
+"""Run under 2 processes (conftest.launch2): every rank reads one epoch of the
 shards (epoch mode) and rank 0 writes which sample keys each rank saw."""
 import json
 import sys
@@ -17,3 +17,4 @@ everyone = gather_object([keys])
 if acc.is_main_process:
     with open(out, "w") as f:
         json.dump(everyone, f)
+acc.end_training()  # the process group (and its gloo threads) ends here, not during interpreter exit
