@@ -21,6 +21,17 @@ def configure_logging():
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
+def end_process_group():
+    """After an error during set-up (before the loop, which cleans up itself): end the process
+    group now, not during interpreter exit, where its gloo threads can abort the process."""
+    import gc
+
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # the failed run's DDP wrappers hold the group
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     configure_logging()
     from gen.checkpoint import CheckpointError
@@ -36,6 +47,7 @@ def main(argv=None):
         return 3
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        end_process_group()
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         how = f"stopped by signal {result.stopped_by}" if result.stopped_by else "done"
