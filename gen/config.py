@@ -2,7 +2,7 @@
 command-line overrides parsed by tyro (`--train.batch_size 256`, `--model.family vae`)."""
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import tyro
 
@@ -57,19 +57,21 @@ class TrainConfig:
     steps: int = 5000               # optimizer steps
     batch_size: int = 64            # per process
     grad_accum: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], tyro.conf.arg(aliases=("--mixed-precision",))] = "no"
     seed: int = 0
     log_every: int = 50             # console line + metrics.jsonl + W&B scalars
     sample_every: int = 500         # sample grid (fixed latents, EMA weights)
     ckpt_every: int = 500
     keep_last: int = 3              # checkpoints kept
-    resume: str = "auto"            # auto: newest valid checkpoint in run_dir; none; or a path
+    # auto: newest valid checkpoint in run_dir; none; or a path
+    resume: Annotated[str, tyro.conf.arg(aliases=("--resume",))] = "auto"
     cpu: bool = False               # force CPU even where a GPU exists
 
 
 @dataclass
 class LogConfig:
-    wandb: Literal["auto", "online", "offline", "off"] = "auto"  # auto: online if a key and network exist
+    # auto: online if a key and network exist
+    wandb: Annotated[Literal["auto", "online", "offline", "off"], tyro.conf.arg(aliases=("--wandb",))] = "auto"
     project: str = "deepgen"
     group: Optional[str] = None
     name: Optional[str] = None      # default: the run_dir's name

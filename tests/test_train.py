@@ -241,6 +241,17 @@ def test_presets_train_and_sample(mnist_shards, tmp_path, preset, extra):
     assert json.loads((tmp_path / "r/config.json").read_text())["model"]["family"] == cfg.model.family
 
 
+def test_config_presets_overrides_and_short_aliases():
+    from gen.config import parse
+    cfg = parse(["--preset", "seed-vae", "--data", "d", "--train.batch_size", "256", "--model.conditional"])
+    assert (cfg.model.family, cfg.model.latent_dim, cfg.train.batch_size, cfg.data.path, cfg.model.conditional) == \
+        ("vae", 2, 256, "d", True)
+    short = parse(["--wandb", "off", "--resume", "none", "--mixed_precision", "bf16"])
+    long = parse(["--log.wandb", "off", "--train.resume", "none", "--train.mixed-precision", "bf16"])
+    assert short == long and (short.log.wandb, short.train.resume, short.train.mixed_precision) == ("off", "none", "bf16")
+    assert parse([]).log.wandb == "auto"
+
+
 def test_seed_ports_match_the_originals():
     """Layer shapes of the Keras models the users started from."""
     from gen import nets
