@@ -9,7 +9,6 @@ tracking, then one loop. A family (families.py) supplies its modules, optimizers
 everything else - devices, DDP, accumulation, mixed precision, checkpoints, signals, logging -
 is here, once.
 """
-import gc
 import json
 import logging
 import math
@@ -267,8 +266,7 @@ def train(cfg, keep_process_group=False):
         # the process ("terminate called without an active exception").
         plain_modules = {n: accelerator.unwrap_model(m) for n, m in family.modules.items()}
         family.modules, modules, prepared, data_iter, loader = plain_modules, None, None, None, None
-        accelerator.free_memory()
-        gc.collect()
+        accelerator.free_memory()  # drops Accelerate's references, then gc.collect()
         if keep_process_group:  # the caller still talks to the other ranks
             for tracker in accelerator.trackers:
                 tracker.finish()
