@@ -82,9 +82,8 @@ def _load(ref):
     return Image.open(io.BytesIO(z.read(ref[2])))
 
 
-def encode_item(args):
-    """(item, size, crop, grayscale) -> (png bytes, None) or (None, reason). Never raises for bad images."""
-    item, size, crop, grayscale = args
+def encode_item(item, size, crop, grayscale):
+    """(png bytes, None) or (None, reason). Never raises for bad images."""
     try:
         img = _load(item.ref)
         img.load()
@@ -197,7 +196,7 @@ def write_one_shard(job):
     with open(tmp, "wb") as raw:
         sink = UstarWriter(raw)  # fixed mtime and owner: a re-run gives byte-identical shards
         for offset, item in enumerate(chunk):
-            png, error = encode_item((item, size, crop, grayscale))
+            png, error = encode_item(item, size, crop, grayscale)
             if error:
                 record["skipped"].append((item.name, error))
                 continue
@@ -263,11 +262,12 @@ class UstarWriter:
 
 # ----------------------------------------------------------------------------- verify and preview
 
-def shard_paths(root, split):
-    manifest = read_manifest(root)
+def split_shards(root, split, manifest=None):
+    """[(path, sample count)] of one split's shards, in manifest order."""
+    manifest = manifest or read_manifest(root)
     if split not in manifest["splits"]:
         raise PrepError(f"{root} has no split {split!r} (has: {', '.join(manifest['splits'])})")
-    return [str(Path(root) / s["name"]) for s in manifest["splits"][split]["shards"]]
+    return [(str(Path(root) / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]
 
 
 def verify(root):
@@ -312,7 +312,8 @@ def preview(root, out, n=64, split=None):
     split = split or ("train" if "train" in manifest["splits"] else next(iter(manifest["splits"])))
     names = manifest.get("class_names")
     samples = []
-    for sample in wds.WebDataset(shard_paths(root, split), shardshuffle=False, empty_check=False):
+    urls = [path for path, _ in split_shards(root, split, manifest)]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         samples.append(sample)
         if len(samples) == n:
             break

@@ -34,14 +34,19 @@ class DataError(Exception):
     """The shard folder cannot be used (missing, not deepgen shards, wrong split)."""
 
 
-def read_manifest(root):
-    """The shard folder's manifest.json (format owned by data_prep), as a DataError if unusable."""
+def _from_data_prep(fn, *args):
+    """data_prep owns the shard format; its errors about a shard folder are DataErrors here."""
     from data_prep import PrepError
-    from data_prep.shards import read_manifest as read
     try:
-        return read(root)
+        return fn(*args)
     except PrepError as e:
         raise DataError(str(e)) from None
+
+
+def read_manifest(root):
+    """The shard folder's manifest.json, as a DataError if unusable."""
+    from data_prep.shards import read_manifest as read
+    return _from_data_prep(read, root)
 
 
 class DecodeError(ValueError):
@@ -54,13 +59,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, root, split="train", batch_size=64, seed=0, rank=0, world_size=1, num_workers=0,
                  shuffle_buffer=1000, resampled=False, epochs=None, positions=None, rotation=0, cache_mb=1024):
+        from data_prep.shards import split_shards
         manifest = read_manifest(root)
-        if split not in manifest["splits"]:
-            raise DataError(f"{root} has no split {split!r} (has: {', '.join(manifest['splits'])})")
-        shards = manifest["splits"][split]["shards"]
-        self.urls = [str(Path(root) / s["name"]) for s in shards]
-        self.counts = [s["count"] for s in shards]
-        self.expected = dict(zip(self.urls, self.counts))
+        shards = _from_data_prep(split_shards, root, split, manifest)
+        self.urls = [url for url, _ in shards]
+        self.expected = dict(shards)  # url -> sample count, to detect truncated shards
         self.size, self.channels = manifest["image_size"], manifest["channels"]
         self.class_names = manifest.get("class_names")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -68,7 +71,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.resampled, self.epochs = shuffle_buffer, resampled, epochs
         self.positions = positions or {}
         self.rotation = rotation
-        self.num_samples = sum(self.counts)
+        self.num_samples = sum(self.expected.values())
         # Decoded-image cache, per worker: tar parsing and PNG decode cost ~180 + ~220 us per 64 px
         # sample, so small data sets (MNIST, Pokémon) are decoded once and replayed from memory.
         # Every worker may meet every shard (shard order changes per epoch), so the whole split

@@ -20,6 +20,11 @@ def _adam(params, lr, cfg):
     return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
+def _clip_grads(accelerator, module, max_norm):
+    if max_norm > 0 and accelerator.sync_gradients:  # only on the micro-batch that steps
+        accelerator.clip_grad_norm_(module.parameters(), max_norm)
+
+
 class GANFamily:
     def __init__(self, model_cfg, optim_cfg, shape, num_classes):
         c, size, _ = shape
@@ -76,7 +81,7 @@ class GANFamily:
             out["r1"] = r1.detach()
         opt_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
-        self._clip(accelerator, D)
+        _clip_grads(accelerator, D, self.optim_cfg.grad_clip)
         opt_d.step()
 
         # G: through D without syncing D's gradients (they are discarded at the next D step)
@@ -84,14 +89,10 @@ class GANFamily:
         loss_g = self._g_loss(accelerator.unwrap_model(D)(aug(G(z, labels)), labels).float())
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss_g)
-        self._clip(accelerator, G)
+        _clip_grads(accelerator, G, self.optim_cfg.grad_clip)
         opt_g.step()
         out["loss_g"] = loss_g.detach()
         return out
-
-    def _clip(self, accelerator, module):
-        if self.optim_cfg.grad_clip > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(module.parameters(), self.optim_cfg.grad_clip)
 
     @torch.no_grad()
     def generate(self, module, z, labels=None):
@@ -143,8 +144,7 @@ class VAEFamily:
         loss = (nll + self.kl_weight(step) * kl).mean()
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        if self.optim_cfg.grad_clip > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(vae.parameters(), self.optim_cfg.grad_clip)
+        _clip_grads(accelerator, vae, self.optim_cfg.grad_clip)
         opt.step()
         return {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
                 "elbo": -(nll + kl).mean().detach()}

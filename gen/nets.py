@@ -20,6 +20,14 @@ def _seed_upsampler(latent_dim, c0, channels):
             nn.ConvTranspose2d(32, channels, 3, 1, padding=1)]
 
 
+def _seed_downsampler(channels, size):
+    """Both originals' encoders: conv 32 s2, conv 64 s2 (Keras 'valid' padding), flattened.
+    Returns (features, flat size): 28 -> 13 -> 6, so 6x6x64."""
+    s = ((size - 3) // 2 + 1 - 3) // 2 + 1
+    features = nn.Sequential(nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU(), nn.Flatten())
+    return features, 64 * s * s
+
+
 class SeedGenerator(nn.Module):
     """timsainb 2.0-GAN-fashion-mnist: dense 7x7x64, deconv 64 s2, deconv 32 s2, deconv 1 s1, sigmoid."""
 
@@ -39,11 +47,9 @@ class SeedDiscriminator(nn.Module):
 
     def __init__(self, channels=1, num_classes=0, size=28):
         super().__init__()
-        s = ((size - 3) // 2 + 1 - 3) // 2 + 1
-        self.features = nn.Sequential(nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU(),
-                                      nn.Flatten())
-        self.out = nn.Linear(64 * s * s, 1)
-        self.label_embed = nn.Embedding(num_classes, 64 * s * s) if num_classes else None
+        self.features, flat = _seed_downsampler(channels, size)
+        self.out = nn.Linear(flat, 1)
+        self.label_embed = nn.Embedding(num_classes, flat) if num_classes else None
 
     def forward(self, x, labels=None):
         h = self.features((x + 1) / 2)  # the notebook fed D images in [0, 1]
@@ -58,11 +64,9 @@ class SeedEncoder(nn.Module):
 
     def __init__(self, latent_dim=2, channels=1, num_classes=0, size=28):
         super().__init__()
-        s = ((size - 3) // 2 + 1 - 3) // 2 + 1
-        self.features = nn.Sequential(nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU(),
-                                      nn.Flatten())
-        self.label_embed = nn.Embedding(num_classes, 64 * s * s) if num_classes else None
-        self.out = nn.Linear(64 * s * s, 2 * latent_dim)
+        self.features, flat = _seed_downsampler(channels, size)
+        self.label_embed = nn.Embedding(num_classes, flat) if num_classes else None
+        self.out = nn.Linear(flat, 2 * latent_dim)
 
     def forward(self, x, labels=None):
         h = self.features(x)
@@ -87,14 +91,18 @@ class SeedDecoder(nn.Module):
 
 # ----------------------------------------------------------------------------- deep nets (28, 64, 128 px)
 
-def base_size(size):
-    """Smallest feature map: 7 for 28 px, 4 for powers of two (64 -> 4x4, 128 -> 4x4)."""
+def pyramid(size):
+    """(smallest feature map, number of x2 levels): 7 for 28 px, 4 for powers of two (64 -> 4x4)."""
     s = size
     while s > 7 and s % 2 == 0:
         s //= 2
     if s not in (4, 7) and s > 7:
         raise ValueError(f"image size {size} is not 7 or 4 times a power of two (28, 32, 64, 128, ...)")
-    return s
+    return s, int(math.log2(size // s))
+
+
+def _group_norm(c):
+    return nn.GroupNorm(min(32, c // 4), c)  # batch-size independent, for the VAE
 
 
 def _channels(width, level, levels):
@@ -134,8 +142,7 @@ class DownBlock(nn.Module):
 class Generator(nn.Module):
     def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
         super().__init__()
-        self.base = base_size(size)
-        levels = int(math.log2(size // self.base))
+        self.base, levels = pyramid(size)
         c0 = _channels(width, 0, levels)
         self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         self.fc = nn.Sequential(nn.Linear(latent_dim, c0 * self.base ** 2), nn.Unflatten(1, (c0, self.base, self.base)),
@@ -153,8 +160,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, channels, size, width=64, num_classes=0, sn=True):
         super().__init__()
-        base = base_size(size)
-        levels = int(math.log2(size // base))
+        base, levels = pyramid(size)
         wrap = _sn if sn else (lambda m: m)
         self.stem = wrap(nn.Conv2d(channels, _channels(width, levels, levels), 3, 1, 1))
         self.blocks = nn.Sequential(*[DownBlock(_channels(width, i + 1, levels), _channels(width, i, levels), sn)
@@ -175,12 +181,10 @@ class Discriminator(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
         super().__init__()
-        base = base_size(size)
-        levels = int(math.log2(size // base))
-        gn = lambda c: nn.GroupNorm(min(32, c // 4), c)  # noqa: E731 (GroupNorm: batch-size independent)
+        base, levels = pyramid(size)
         self.stem = nn.Conv2d(channels, _channels(width, levels, levels), 3, 1, 1)
         self.blocks = nn.Sequential(*[DownBlock(_channels(width, i + 1, levels), _channels(width, i, levels),
-                                                sn=False, norm=gn) for i in reversed(range(levels))])
+                                                sn=False, norm=_group_norm) for i in reversed(range(levels))])
         c0 = _channels(width, 0, levels)
         self.label_embed = nn.Embedding(num_classes, c0 * base * base) if num_classes else None
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(c0 * base * base, 2 * latent_dim))
@@ -195,13 +199,11 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
         super().__init__()
-        base = base_size(size)
-        levels = int(math.log2(size // base))
-        gn = lambda c: nn.GroupNorm(min(32, c // 4), c)  # noqa: E731
+        base, levels = pyramid(size)
         c0 = _channels(width, 0, levels)
         self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         self.fc = nn.Sequential(nn.Linear(latent_dim, c0 * base * base), nn.Unflatten(1, (c0, base, base)), nn.SiLU())
-        self.blocks = nn.Sequential(*[UpBlock(_channels(width, i, levels), _channels(width, i + 1, levels), gn, nn.SiLU)
+        self.blocks = nn.Sequential(*[UpBlock(_channels(width, i, levels), _channels(width, i + 1, levels), _group_norm, nn.SiLU)
                                       for i in range(levels)])
         self.out = nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1)
 

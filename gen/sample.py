@@ -3,11 +3,12 @@
     python -m jobs.sample runs/mnist-gan --out samples.png --n 64
 """
 import io
-import os
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
+
+from data_prep.shards import atomic_write_bytes
 
 
 def save_grid(images, path, nrow=None):
@@ -19,9 +20,7 @@ def save_grid(images, path, nrow=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     save_image(grid, buf, format="png")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return grid
 
 
