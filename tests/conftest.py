@@ -27,9 +27,9 @@ def run(args, env=None, timeout=600, cwd=None, check=False):
 
 
 def write_idx(path, array, gz=True):
+    """An IDX file as LeCun's page publishes them (uint8 data), gzipped (fast level) or raw."""
     header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    opener = gzip.open if gz else open
-    with opener(path, "wb") as f:
+    with (gzip.open(path, "wb", compresslevel=1) if gz else open(path, "wb")) as f:
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 

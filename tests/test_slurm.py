@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import launch2, run
-from test_train import TINY, assert_same, metrics, state_files
+from test_train import TINY, assert_same, metrics, state_files, wait_for_step
 
 pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode,
@@ -24,6 +24,12 @@ def job_info(job_id):
     state = re.search(r"JobState=(\w+)", out)
     restarts = re.search(r"Restarts=(\d+)", out)
     return (state.group(1) if state else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
+
+
+def job_running(job_id, run_dir):
+    def check():
+        assert job_info(job_id)[0] in ("PENDING", "RUNNING", "CONFIGURING"), logs(run_dir)
+    return check
 
 
 def wait_done(job_id, timeout=300):
@@ -74,10 +80,7 @@ def test_preemption_checkpoints_requeues_and_matches_an_uninterrupted_run(mnist_
     # timeout >= 60 min: below ~50, submitit counts every USR2 as a timeout (../shared/slurm/README.md)
     (job,), _ = submit("--partition", "debug", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "60",
                        "--", *train_args(mnist_shards, run_dir, steps, *extra))
-    deadline = time.time() + 180
-    while not ((run_dir / "metrics.jsonl").is_file() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= 10):
-        assert time.time() < deadline and job_info(job)[0] in ("PENDING", "RUNNING", "CONFIGURING"), logs(run_dir)
-        time.sleep(0.2)
+    wait_for_step(run_dir, 10, job_running(job, run_dir), timeout=180)
     subprocess.run(["scancel", "--signal=USR2", str(job)], check=True)  # what submitit's job._interrupt() sends
     state, restarts = wait_done(job, timeout=400)
     text = logs(run_dir)

@@ -3,12 +3,11 @@ slurmd in their own network namespaces). .ci/run runs this module with that clus
 switching to the single-node cluster for the rest; elsewhere it is skipped."""
 import re
 import subprocess
-import time
 
 import pytest
 
-from test_slurm import job_info, logs, submit, train_args, wait_done
-from test_train import metrics
+from test_slurm import job_running, logs, submit, train_args, wait_done
+from test_train import wait_for_step
 
 
 def _nodes():
@@ -26,10 +25,7 @@ def test_two_nodes_train_one_ddp_job_and_survive_preemption(mnist_shards, tmp_pa
     run_dir = tmp_path / "run"
     (job,), _ = submit("--partition", "debug", "--nodes", "2", "--tasks-per-node", "1", "--time", "60", "--",
                        *train_args(mnist_shards, run_dir, 120, "--train.log_every", "5"))
-    deadline = time.time() + 180
-    while not ((run_dir / "metrics.jsonl").is_file() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= 10):
-        assert time.time() < deadline and job_info(job)[0] in ("PENDING", "RUNNING", "CONFIGURING"), logs(run_dir)
-        time.sleep(0.2)
+    wait_for_step(run_dir, 10, job_running(job, run_dir), timeout=180)
     subprocess.run(["scancel", "--signal=USR2", str(job)], check=True)
     assert wait_done(job, timeout=400) == ("COMPLETED", 1), logs(run_dir)[-3000:]
     text = logs(run_dir)

@@ -110,14 +110,22 @@ def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precis
     assert not [t for t in result["threads_after_destroy"] if "gloo" in t], result["threads_after_destroy"]
 
 
-def wait_for_step(run_dir, step, proc, timeout=120):
+def wait_for_step(run_dir, step, assert_running, timeout=120):
+    """Poll metrics.jsonl until the run logs `step`; `assert_running()` fails (saying why) if it ended."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (Path(run_dir) / "metrics.jsonl").is_file() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= step:
+        rows = metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
+        if rows and rows[-1]["step"] >= step:
             return
-        assert proc.poll() is None, proc.communicate()
+        assert_running()
         time.sleep(0.2)
     raise TimeoutError(f"no step {step} in {run_dir}")
+
+
+def process_running(proc):
+    def check():
+        assert proc.poll() is None, proc.communicate()
+    return check
 
 
 def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
@@ -125,7 +133,7 @@ def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
     cmd = [sys.executable, *train_cmd(mnist_shards, run_dir, "--train.steps", "100000", "--train.log_every", "2",
                                       "--log.wandb", "off", "--train.ckpt_every", "100000")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    wait_for_step(run_dir, 4, proc)
+    wait_for_step(run_dir, 4, process_running(proc))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
@@ -143,7 +151,7 @@ def test_stop_signal_to_one_rank_stops_both(mnist_shards, tmp_path):
             "--train.steps", "100000", "--train.log_every", "2", "--log.wandb", "off", "--train.ckpt_every", "100000"]
     launcher = subprocess.Popen([sys.executable, *launch2(), str(ROOT / "tests" / "train_ranks.py"), str(out), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    wait_for_step(run_dir, 4, launcher)
+    wait_for_step(run_dir, 4, process_running(launcher))
     ranks = {}
     for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
         env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
