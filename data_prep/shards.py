@@ -21,51 +21,17 @@ import webdataset as wds
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
+from gen.shard_format import (FORMAT, MANIFEST, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
+                              read_manifest, sha256_file, split_shards)
+
 from . import PrepError
 from .images import normalise, png_bytes
 
 log = logging.getLogger("data_prep")
-MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
-FORMAT = "deepgen-shards/1"
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def atomic_write_bytes(path, data):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path, obj, indent=1):
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_manifest(root):
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise PrepError(f"{root} has no {MANIFEST}: not a deepgen shard folder (run python -m data_prep first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise PrepError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise PrepError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
 
 # ----------------------------------------------------------------------------- encoding (worker processes)
 
@@ -261,14 +227,6 @@ class UstarWriter:
 
 
 # ----------------------------------------------------------------------------- verify and preview
-
-def split_shards(root, split, manifest=None):
-    """[(path, sample count)] of one split's shards, in manifest order."""
-    manifest = manifest or read_manifest(root)
-    if split not in manifest["splits"]:
-        raise PrepError(f"{root} has no split {split!r} (has: {', '.join(manifest['splits'])})")
-    return [(str(Path(root) / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]
-
 
 def verify(root):
     """Every problem found, as one line each; an empty list means the shards match the manifest."""

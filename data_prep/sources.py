@@ -66,6 +66,24 @@ def read_idx(path):
     return body.reshape(shape)
 
 
+def write_idx(path, array, gz=True):
+    """An IDX file (uint8) as LeCun's page publishes them, gzipped (fast level) or raw: the
+    inverse of read_idx, for making small MNIST-format data sets."""
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open(path, "wb", compresslevel=1) if gz else open(path, "wb")) as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_idx_split(root, split, images, labels, gz=True):
+    """The images + labels IDX pair of one split ('train' or 'test') under the standard names."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    img_stem, lbl_stem = IDX_FILES[split]
+    ext = ".gz" if gz else ""
+    write_idx(root / f"{img_stem}{ext}", images, gz)
+    write_idx(root / f"{lbl_stem}{ext}", labels, gz)
+
+
 def find_idx(source, stem):
     """Find `stem` or `stem.gz` in source or the layouts people have (raw/, MNIST/raw/, dotted names)."""
     source = Path(source)

@@ -5,7 +5,7 @@
 
 Every DataLoader worker runs one deterministic stream per epoch: the epoch's shard order
 (seeded with seed+epoch), its share of the data (split by rank and worker), a seeded shuffle
-buffer, then PNG decode. The stream is a pure function of (seed, epoch, slot), so a run resumes
+buffer, then PNG decode. The stream is a pure function of (seed, epoch, slot) (`stream_seed`), so a run resumes
 exactly from the positions stored in a checkpoint: each worker replays its epoch up to the
 stored offset without decoding, and the round-robin order of workers is rotated to match.
 
@@ -27,26 +27,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_png
 
+from .shard_format import DataError, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
+
 log = logging.getLogger("gen.data")
 
 
-class DataError(Exception):
-    """The shard folder cannot be used (missing, not deepgen shards, wrong split)."""
-
-
-def _from_data_prep(fn, *args):
-    """data_prep owns the shard format; its errors about a shard folder are DataErrors here."""
-    from data_prep import PrepError
-    try:
-        return fn(*args)
-    except PrepError as e:
-        raise DataError(str(e)) from None
-
-
-def read_manifest(root):
-    """The shard folder's manifest.json, as a DataError if unusable."""
-    from data_prep.shards import read_manifest as read
-    return _from_data_prep(read, root)
+def stream_seed(seed, epoch, slot):
+    """The integer that seeds one slot's stream in one epoch (shard draws, shuffle buffer).
+    Plain arithmetic, so it is the same in every process and Python version."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + slot
 
 
 class DecodeError(ValueError):
@@ -59,9 +48,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, root, split="train", batch_size=64, seed=0, rank=0, world_size=1, num_workers=0,
                  shuffle_buffer=1000, resampled=False, epochs=None, positions=None, rotation=0, cache_mb=1024):
-        from data_prep.shards import split_shards
         manifest = read_manifest(root)
-        shards = _from_data_prep(split_shards, root, split, manifest)
+        shards = split_shards(root, split, manifest)
         self.urls = [url for url, _ in shards]
         self.expected = dict(shards)  # url -> sample count, to detect truncated shards
         self.size, self.channels = manifest["image_size"], manifest["channels"]
@@ -89,7 +77,7 @@ class ShardStream(IterableDataset):
     def _epoch_sources(self, epoch, slot, slots):
         """(shard urls, sample stride) this slot reads in `epoch`."""
         if self.resampled:
-            rng = random.Random(hash((self.seed, epoch, slot)))
+            rng = random.Random(stream_seed(self.seed, epoch, slot))
             return [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // slots))], None
         order = list(self.urls)
         random.Random(self.seed + epoch).shuffle(order)  # same order on every rank and worker
@@ -102,7 +90,7 @@ class ShardStream(IterableDataset):
         samples = (s for url in urls for s in self._read_shard(url, stats))
         if stride:
             samples = (s for i, s in enumerate(samples) if i % stride[1] == stride[0])
-        rng = random.Random(hash((self.seed, epoch, slot)))
+        rng = random.Random(stream_seed(self.seed, epoch, slot))
         return _shuffle(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
 
     def _read_shard(self, url, stats):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from data_prep.shards import atomic_write_bytes
+from .shard_format import atomic_write_bytes
 
 
 def save_grid(images, path, nrow=None):

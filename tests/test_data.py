@@ -1,15 +1,13 @@
 """The streaming loader on real shards: epoch split over real DDP ranks, exact resume, and
 damaged data skipped and counted."""
-import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import launch2, run
+from helpers import damage, launch2, run
 from gen.data import make_loader
 
 def all_keys(shards):
@@ -72,23 +70,6 @@ def test_values_shapes_labels(mnist_shards):
     assert batch["image"].min() == -1 and batch["image"].max() == 1
     assert batch["label"].dtype == torch.long and 0 <= batch["label"].min() and batch["label"].max() <= 9
     assert stream.class_names == [str(i) for i in range(10)]
-
-
-def damage(shards, dest):
-    """A copy of the shards with train-000001 truncated mid-file and one corrupt PNG in train-000002."""
-    shutil.copytree(shards, dest)
-    t1 = dest / "train-000001.tar"
-    t1.write_bytes(t1.read_bytes()[: t1.stat().st_size // 2 + 100])
-    t2 = dest / "train-000002.tar"
-    with tarfile.open(t2) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(t2, "w") as tar:
-        for i, (m, data) in enumerate(members):
-            if i == 0:
-                data = b"\x89PNG\r\n\x1a\n garbage"
-                m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    return dest
 
 
 def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(mnist_shards, tmp_path, caplog):

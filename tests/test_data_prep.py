@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import POKEMON_ZIP, make_idx_dir, run
+from helpers import POKEMON_ZIP, make_idx_dir, run
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TYPES = ["Grass", "Fire", "Water", "Bug", "Normal", "Poison", "Electric", "Ground"]

@@ -7,54 +7,15 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import launch2, run
-from test_train import TINY, assert_same, metrics, state_files, wait_for_step
+from helpers import (TINY, assert_same, job_running, launch2, logs, metrics, run, state_files, submit, train_args,
+                     wait_done, wait_for_step)
 
 pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode,
                                  reason="no SLURM here: run ../shared/slurm/start-local-slurm.sh")]
-
-
-def job_info(job_id):
-    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
-    state = re.search(r"JobState=(\w+)", out)
-    restarts = re.search(r"Restarts=(\d+)", out)
-    return (state.group(1) if state else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
-
-
-def job_running(job_id, run_dir):
-    def check():
-        assert job_info(job_id)[0] in ("PENDING", "RUNNING", "CONFIGURING"), logs(run_dir)
-    return check
-
-
-def wait_done(job_id, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state, restarts = job_info(job_id)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return state, restarts
-        time.sleep(1)
-    subprocess.run(["scancel", str(job_id)])
-    raise TimeoutError(f"job {job_id} still {job_info(job_id)} after {timeout}s")
-
-
-def submit(*args):
-    proc = run(["-m", "slurm.submit", *args], check=True)
-    return [int(j) for j in re.findall(r"submitted job (\d+)", proc.stdout)], proc.stdout
-
-
-def logs(run_dir):
-    return "\n".join(p.read_text(errors="replace") for p in Path(run_dir).glob("slurm/*/*_log.*"))
-
-
-def train_args(shards, run_dir, steps, *extra):
-    return ["--preset", "gan", "--data", str(shards), "--train.run_dir", str(run_dir), *TINY,
-            "--train.steps", str(steps), "--log.wandb", "off", *extra]
 
 
 def test_two_tasks_on_one_node_train_with_ddp(mnist_shards, tmp_path):

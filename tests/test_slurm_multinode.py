@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 
-from test_slurm import job_running, logs, submit, train_args, wait_done
-from test_train import wait_for_step
+from helpers import job_running, logs, submit, train_args, wait_done, wait_for_step
 
 
 def _nodes():

@@ -7,55 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, launch2, run
+from helpers import (ROOT, TINY, assert_same, launch2, metrics, process_running, run, state_files, train_cmd,
+                     wait_for_step)
 from wandb_records import history, run_id
-
-TINY = ["--model.width", "8", "--train.batch_size", "16", "--log.num_samples", "16"]
-
-
-def train_cmd(shards, run_dir, *extra, preset="gan"):
-    return ["-m", "jobs.train", "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir),
-            *TINY, *extra]
-
-
-def metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def state_files(ckpt):
-    """Every tensor a checkpoint holds: models, optimizers, EMA, RNG and loop state."""
-    out = {}
-    for f in sorted(Path(ckpt).iterdir()):
-        if f.suffix == ".safetensors":
-            out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
-        elif f.name.startswith(("optimizer", "custom_checkpoint", "random_states")):
-            out[f.name] = torch.load(f, weights_only=False)
-    return out
-
-
-def assert_same(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif hasattr(a, "__array__"):
-        import numpy as np
-        assert np.array_equal(np.asarray(a), np.asarray(b)), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("preset,extra", [
@@ -108,24 +67,6 @@ def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precis
     # train() leaves nothing holding the process group: its gloo threads end with it, not during
     # interpreter exit, where they can abort the process
     assert not [t for t in result["threads_after_destroy"] if "gloo" in t], result["threads_after_destroy"]
-
-
-def wait_for_step(run_dir, step, assert_running, timeout=120):
-    """Poll metrics.jsonl until the run logs `step`; `assert_running()` fails (saying why) if it ended."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
-        if rows and rows[-1]["step"] >= step:
-            return
-        assert_running()
-        time.sleep(0.2)
-    raise TimeoutError(f"no step {step} in {run_dir}")
-
-
-def process_running(proc):
-    def check():
-        assert proc.poll() is None, proc.communicate()
-    return check
 
 
 def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
@@ -275,7 +216,7 @@ def test_seed_ports_match_the_originals():
 
 
 def test_damaged_shards_do_not_stop_training(mnist_shards, tmp_path):
-    from test_data import damage
+    from helpers import damage
     shards = damage(mnist_shards, tmp_path / "damaged")
     run_dir = tmp_path / "run"
     run(train_cmd(shards, run_dir, "--train.steps", "30", "--train.log_every", "10", "--log.wandb", "off"), check=True)

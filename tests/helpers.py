@@ -1,0 +1,169 @@
+"""Helpers shared by the tests (one home: test modules import from here, never from each other):
+running our commands as a user would, real DDP launches, IDX folders, checkpoint comparison,
+polling a run, damaging shards, and talking to the local SLURM."""
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from data_prep.sources import write_idx_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+POKEMON_ZIP = SHARED / "datasets" / "pokemon-819-128px.zip"
+
+
+def run(args, env=None, timeout=600, cwd=None, check=False):
+    """Run `python -m ...` like a user; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=cwd or ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch2():
+    """`accelerate launch` for 2 real DDP processes on this CPU machine (gloo). Accelerate's
+    `--cpu` alone starts one process; `--multi_gpu` makes it use torchrun."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+def make_idx_dir(root, digits, n_train, n_test, gz=True, offset=0):
+    x, y = digits
+    tr, te = slice(offset, offset + n_train), slice(offset + n_train, offset + n_train + n_test)
+    write_idx_split(root, "train", x[tr], y[tr], gz)
+    write_idx_split(root, "test", x[te], y[te], gz)
+    return Path(root)
+
+
+TINY = ["--model.width", "8", "--train.batch_size", "16", "--log.num_samples", "16"]
+
+
+def train_cmd(shards, run_dir, *extra, preset="gan"):
+    return ["-m", "jobs.train", "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir),
+            *TINY, *extra]
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def state_files(ckpt):
+    """Every tensor a checkpoint holds: models, optimizers, EMA, RNG and loop state."""
+    out = {}
+    for f in sorted(Path(ckpt).iterdir()):
+        if f.suffix == ".safetensors":
+            out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+        elif f.name.startswith(("optimizer", "custom_checkpoint", "random_states")):
+            out[f.name] = torch.load(f, weights_only=False)
+    return out
+
+
+def assert_same(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif hasattr(a, "__array__"):
+        import numpy as np
+        assert np.array_equal(np.asarray(a), np.asarray(b)), path
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def process_running(proc):
+    def check():
+        assert proc.poll() is None, proc.communicate()
+    return check
+
+
+def wait_for_step(run_dir, step, assert_running, timeout=120):
+    """Poll metrics.jsonl until the run logs `step`; `assert_running()` fails (saying why) if it ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").is_file() else []
+        if rows and rows[-1]["step"] >= step:
+            return
+        assert_running()
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} in {run_dir}")
+
+
+def damage(shards, dest):
+    """A copy of the shards with train-000001 truncated mid-file and one corrupt PNG in train-000002."""
+    shutil.copytree(shards, dest)
+    t1 = dest / "train-000001.tar"
+    t1.write_bytes(t1.read_bytes()[: t1.stat().st_size // 2 + 100])
+    t2 = dest / "train-000002.tar"
+    with tarfile.open(t2) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(t2, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if i == 0:
+                data = b"\x89PNG\r\n\x1a\n garbage"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return dest
+
+
+def job_info(job_id):
+    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+    state = re.search(r"JobState=(\w+)", out)
+    restarts = re.search(r"Restarts=(\d+)", out)
+    return (state.group(1) if state else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
+
+
+def job_running(job_id, run_dir):
+    def check():
+        assert job_info(job_id)[0] in ("PENDING", "RUNNING", "CONFIGURING"), logs(run_dir)
+    return check
+
+
+def wait_done(job_id, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state, restarts = job_info(job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state, restarts
+        time.sleep(1)
+    subprocess.run(["scancel", str(job_id)])
+    raise TimeoutError(f"job {job_id} still {job_info(job_id)} after {timeout}s")
+
+
+def submit(*args):
+    proc = run(["-m", "slurm.submit", *args], check=True)
+    return [int(j) for j in re.findall(r"submitted job (\d+)", proc.stdout)], proc.stdout
+
+
+def logs(run_dir):
+    return "\n".join(p.read_text(errors="replace") for p in Path(run_dir).glob("slurm/*/*_log.*"))
+
+
+def train_args(shards, run_dir, steps, *extra):
+    return ["--preset", "gan", "--data", str(shards), "--train.run_dir", str(run_dir), *TINY,
+            "--train.steps", str(steps), "--log.wandb", "off", *extra]
