@@ -55,14 +55,17 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = "runs/default"   # config, checkpoints, samples, metrics.jsonl, wandb/
     steps: int = 5000               # optimizer steps
-    batch_size: int = 64            # per process
-    grad_accum: int = 1
+    batch_size: int = 64            # per process, per micro-batch
+    grad_accum: int = 1             # micro-batches per optimizer step: global batch = batch_size x grad_accum x processes
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"], tyro.conf.arg(aliases=("--mixed-precision",))] = "no"
     seed: int = 0
     log_every: int = 50             # console line + metrics.jsonl + W&B scalars
     sample_every: int = 500         # sample grid (fixed latents, EMA weights)
     ckpt_every: int = 500
     keep_last: int = 3              # checkpoints kept
+    check_every: int = 25           # steps between host syncs: non-finite losses and stop signals (always before a save)
+    compile: bool = False           # torch.compile the prepared modules (GPU)
+    channels_last: bool = False     # NHWC memory format for modules and batches (GPU)
     # auto: newest valid checkpoint in run_dir; none; or a path
     resume: Annotated[str, tyro.conf.arg(aliases=("--resume",))] = "auto"
     cpu: bool = False               # force CPU even where a GPU exists

@@ -18,7 +18,8 @@ class EMA(nn.Module):
     def update(self, model, step):
         # warm-up (as diffusers' EMAModel): early averages must not drag the random init along
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
-        for ema_b, b in zip(self.module.buffers(), model.buffers()):
-            ema_b.copy_(b)
+        # one fused kernel per list rather than one per tensor (a GPU step is short)
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))

@@ -3,11 +3,18 @@
     family.modules      {name: nn.Module}  prepared by the accelerator, in this order
     family.optimizers   {name: Optimizer}  one per module; `base_lr[name]` feeds the LR schedule
     family.ema_target   name of the module whose EMA is kept (G, or the whole VAE)
-    family.train_step(batch, step, accelerator) -> {metric: 0-d tensor}; does its own
-                        backward/step for each optimizer (GAN: D then G)
+    family.phases(step) -> [Phase]: what one optimizer step does, in order (GAN: D, then G)
     family.generate(module, z, labels) -> images in [-1, 1]
+
+A Phase names the module it trains (and so its optimizer) and gives the loss of one
+micro-batch. The loop runs each phase over all grad_accum micro-batches, then steps that
+phase's optimizer, as stylegan2-ada does: D sees every micro-batch before it steps, then G's
+micro-batches all go through the same, updated D. So k micro-batches of b give the gradients
+of one batch of k*b. Families never call backward, step or zero_grad themselves.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +23,15 @@ from . import nets
 from .augment import check_policy, diff_augment
 
 
+@dataclass
+class Phase:
+    name: str                   # the module this phase trains, and its optimizer
+    loss: Callable              # (micro_batch, step, accelerator) -> (loss, {metric: 0-d tensor})
+    frozen: tuple = ()          # modules that need no weight gradients here (G's phase: D)
+
+
 def _adam(params, lr, cfg):
     return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-
-
-def _clip_grads(accelerator, module, max_norm):
-    if max_norm > 0 and accelerator.sync_gradients:  # only on the micro-batch that steps
-        accelerator.clip_grad_norm_(module.parameters(), max_norm)
 
 
 class GANFamily:
@@ -55,44 +64,44 @@ class GANFamily:
     def _g_loss(self, fake_logits):
         return -fake_logits.mean() if self.cfg.gan_loss == "hinge" else F.softplus(-fake_logits).mean()
 
-    def train_step(self, batch, step, accelerator):
-        G, D = self.modules["G"], self.modules["D"]
-        opt_g, opt_d = self.optimizers["G"], self.optimizers["D"]
+    def phases(self, step):
+        return [Phase("D", self._d_phase), Phase("G", self._g_phase, frozen=("D",))]
+
+    def _aug(self, x):
+        return diff_augment(x, self.cfg.diffaug)  # the same policy for real and fake
+
+    def _d_phase(self, batch, step, accelerator):
+        """D on reals and fakes in one forward pass, plus lazy R1 every r1_every optimizer steps."""
+        D = self.modules["D"]
+        G = accelerator.unwrap_model(self.modules["G"])  # no gradients, no DDP collectives
         x = batch["image"]
         labels = batch["label"] if self.cfg.conditional else None
-        aug = lambda t: diff_augment(t, self.cfg.diffaug)  # noqa: E731  (same policy for real and fake)
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
-
-        # D: reals and fakes in one forward pass
         with torch.no_grad():
             fake = G(z, labels)
         both_labels = torch.cat([labels, labels]) if labels is not None else None
-        logits = D(aug(torch.cat([x, fake.to(x.dtype)])), both_labels)
+        logits = D(self._aug(torch.cat([x, fake.to(x.dtype)])), both_labels)
         real_logits, fake_logits = logits.float().chunk(2)
-        loss_d = self._d_loss(real_logits, fake_logits)
-        out = {"loss_d": loss_d.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
+        loss = self._d_loss(real_logits, fake_logits)
+        out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
         if self.cfg.r1_gamma > 0 and step % self.cfg.r1_every == 0:
             # lazy R1 (StyleGAN2): the penalty every r1_every steps, scaled up by r1_every
-            real = aug(x).detach().requires_grad_(True)
-            d_unwrapped = accelerator.unwrap_model(D)  # double backward outside the DDP wrapper
-            grad, = torch.autograd.grad(d_unwrapped(real, labels).float().sum(), real, create_graph=True)
+            real = self._aug(x).detach().requires_grad_(True)
+            d_plain = accelerator.unwrap_model(D)  # double backward outside the DDP wrapper
+            grad, = torch.autograd.grad(d_plain(real, labels).float().sum(), real, create_graph=True)
             r1 = grad.pow(2).sum(dim=[1, 2, 3]).mean()
-            loss_d = loss_d + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
+            loss = loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
             out["r1"] = r1.detach()
-        opt_d.zero_grad(set_to_none=True)
-        accelerator.backward(loss_d)
-        _clip_grads(accelerator, D, self.optim_cfg.grad_clip)
-        opt_d.step()
+        return loss, out
 
-        # G: through D without syncing D's gradients (they are discarded at the next D step)
+    def _g_phase(self, batch, step, accelerator):
+        """G through the (frozen, already updated) D, outside D's DDP wrapper: D is not trained here."""
+        x = batch["image"]
+        labels = batch["label"] if self.cfg.conditional else None
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
-        loss_g = self._g_loss(accelerator.unwrap_model(D)(aug(G(z, labels)), labels).float())
-        opt_g.zero_grad(set_to_none=True)
-        accelerator.backward(loss_g)
-        _clip_grads(accelerator, G, self.optim_cfg.grad_clip)
-        opt_g.step()
-        out["loss_g"] = loss_g.detach()
-        return out
+        fake = self.modules["G"](z, labels)
+        loss = self._g_loss(accelerator.unwrap_model(self.modules["D"])(self._aug(fake), labels).float())
+        return loss, {"loss_g": loss.detach()}
 
     @torch.no_grad()
     def generate(self, module, z, labels=None):
@@ -121,8 +130,11 @@ class VAEFamily:
         warm = self.cfg.kl_warmup_steps
         return self.cfg.beta * (min(1.0, step / warm) if warm > 0 else 1.0)
 
-    def train_step(self, batch, step, accelerator):
-        vae, opt = self.modules["vae"], self.optimizers["vae"]
+    def phases(self, step):
+        return [Phase("vae", self._elbo_phase)]
+
+    def _elbo_phase(self, batch, step, accelerator):
+        vae = self.modules["vae"]
         x = batch["image"]
         labels = batch["label"] if self.cfg.conditional else None
         if self.cfg.binarize:
@@ -142,12 +154,8 @@ class VAEFamily:
         else:
             kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)
         loss = (nll + self.kl_weight(step) * kl).mean()
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        _clip_grads(accelerator, vae, self.optim_cfg.grad_clip)
-        opt.step()
-        return {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
-                "elbo": -(nll + kl).mean().detach()}
+        return loss, {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
+                      "elbo": -(nll + kl).mean().detach()}
 
     def decode(self, module, z, labels=None):
         out = module.decoder(z, labels if self.cfg.conditional else None).float()

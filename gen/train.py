@@ -5,9 +5,13 @@
     accelerate launch --cpu --num_processes 2 -m jobs.train --preset gan --data data/mnist
 
 Reads top to bottom: setup, data shape, model family, prepare, EMA and state, resume, data,
-tracking, then one loop. A family (families.py) supplies its modules, optimizers and train_step;
-everything else - devices, DDP, accumulation, mixed precision, checkpoints, signals, logging -
-is here, once.
+tracking, then one loop. A family (families.py) supplies its modules, optimizers and phases
+(the loss of one micro-batch per optimizer); everything else - devices, DDP, gradient
+accumulation, mixed precision, checkpoints, signals, logging - is here, once.
+
+The step never waits for the GPU: losses stay on the device, and finiteness and stop signals
+are checked (one host sync, one collective) every --train.check_every steps and always
+before a checkpoint is written, so a non-finite loss never reaches a checkpoint.
 """
 import json
 import logging
@@ -15,6 +19,7 @@ import math
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +93,48 @@ def lr_factor(step, cfg):
     return warm
 
 
-def agree(accelerator, *flags):
-    """Flags OR-ed over all ranks (one collective), so every rank stops or fails at the same step."""
-    if accelerator.num_processes == 1:
-        return [bool(f) for f in flags]
-    t = torch.tensor([[float(f) for f in flags]], device=accelerator.device)
-    return [bool(v) for v in accelerator.gather(t).amax(dim=0).tolist()]
+def agree(accelerator, stop, first_bad_step):
+    """(stop, first non-finite step or 0), OR-ed / max-ed over all ranks with one collective, so
+    every rank stops or fails at the same step. The only host sync of a step."""
+    flags = torch.stack([torch.tensor(float(stop), device=first_bad_step.device), first_bad_step.float()])
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(flags[None].to(accelerator.device)).amax(dim=0)
+    stop_now, bad_step = flags.tolist()
+    return bool(stop_now), int(bad_step)
+
+
+@contextmanager
+def frozen(modules):
+    """Weights that need no gradient in a phase (G's phase does not train D: stylegan2-ada's
+    requires_grad_(False)), so no weight-gradient work is done for them."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def run_phases(family, micro_batches, step, accelerator, max_norm):
+    """One optimizer step for each of the family's phases, each over all micro-batches.
+    Returns each metric's mean over the micro-batches, as device tensors."""
+    sums = {}
+    for phase in family.phases(step):
+        module, opt = family.modules[phase.name], family.optimizers[phase.name]
+        with frozen([accelerator.unwrap_model(family.modules[n]) for n in phase.frozen]):
+            for batch in micro_batches:
+                with accelerator.accumulate(module):  # DDP's no_sync on all but the last micro-batch
+                    loss, metrics = phase.loss(batch, step, accelerator)
+                    accelerator.backward(loss)  # divided by grad_accum: the mean over k*b samples
+                    if max_norm > 0 and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(module.parameters(), max_norm)
+                    opt.step()  # Accelerate steps (and zeroes) only on the last micro-batch,
+                    opt.zero_grad(set_to_none=True)  # so zeroing after the step keeps the earlier ones
+                for k, v in metrics.items():
+                    sums[k] = sums[k] + v if k in sums else v
+    return {k: v / len(micro_batches) for k, v in sums.items()}
 
 
 def data_position_for_rank(saved, accelerator):
@@ -125,7 +166,8 @@ def train(cfg, keep_process_group=False):
     config_dict = to_dict(cfg)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                               # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
-                              cpu=tc.cpu or not torch.cuda.is_available(), log_with=None if cfg.log.wandb == "off" else "wandb")
+                              cpu=tc.cpu or not torch.cuda.is_available(), log_with=None if cfg.log.wandb == "off" else "wandb",
+                              **({"dynamo_backend": "inductor"} if tc.compile else {}))
     set_seed(tc.seed, device_specific=True)  # each rank its own noise; DDP makes the weights equal
     run_dir = Path(tc.run_dir)
     if accelerator.is_main_process:
@@ -140,11 +182,13 @@ def train(cfg, keep_process_group=False):
 
     # Model family: modules and optimizers, prepared together.
     family = build_family(cfg.model, cfg.optim, shape, num_classes)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    for m in family.modules.values():
+        m.to(memory_format=memory_format)
     names = list(family.modules)
     prepared = accelerator.prepare(*family.modules.values(), *family.optimizers.values())
     family.modules = dict(zip(names, prepared[:len(names)]))
     family.optimizers = dict(zip(names, prepared[len(names):]))
-    modules = list(family.modules.values())
 
     # EMA and the loop's own state are checkpointed with the models.
     ema = None
@@ -198,12 +242,19 @@ def train(cfg, keep_process_group=False):
                                                                  "num_classes": num_classes,
                                                                  "wandb_run_id": state.wandb_run_id}, tc.keep_last)
 
+    def to_device(batch):
+        position.update(batch["position"])
+        image = batch["image"].to(accelerator.device, non_blocking=True)
+        return {"image": image.contiguous(memory_format=memory_format),
+                "label": batch["label"].to(accelerator.device, non_blocking=True)}
+
     # The loop: one optimizer step per iteration, grad_accum micro-batches each.
     images_per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes
     bar = tqdm(total=tc.steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True,
                unit="step", mininterval=1.0)
     data_iter = iter(loader)
     window_t, window_steps, sums = time.perf_counter(), 0, {}
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: all finite so far
     stopped_by = None
     try:
         with StopSignals() as stop:
@@ -211,32 +262,34 @@ def train(cfg, keep_process_group=False):
                 for group_name, opt in family.optimizers.items():
                     for group in opt.param_groups:
                         group["lr"] = family.base_lr[group_name] * lr_factor(state.step, cfg)
-                for _ in range(tc.grad_accum):
-                    batch = next(data_iter)
-                    position.update(batch["position"])
-                    batch = {"image": batch["image"].to(accelerator.device, non_blocking=True),
-                             "label": batch["label"].to(accelerator.device, non_blocking=True)}
-                    with accelerator.accumulate(*modules):
-                        losses = family.train_step(batch, state.step, accelerator)
+                micro_batches = [to_device(next(data_iter)) for _ in range(tc.grad_accum)]
+                losses = run_phases(family, micro_batches, state.step, accelerator, cfg.optim.grad_clip)
                 if ema:
                     ema.update(accelerator.unwrap_model(family.modules[family.ema_target]), state.step)
                 state.step += 1
                 step = state.step
-                finite = bool(torch.stack([v.float() for v in losses.values()]).isfinite().all())
-                stop_now, nonfinite = agree(accelerator, stop.signum is not None, not finite)
-                if nonfinite:
-                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                    raise NonFiniteLoss(f"non-finite loss at step {step} ({values}); nothing saved after it. "
-                                        f"Last good checkpoint: {last_ckpt or 'none'}. Try a lower --optim.lr or "
-                                        f"--train.mixed_precision no")
+                # on the device: remember the first step with a non-finite loss, sum losses for the log
+                finite = torch.stack([v.float() for v in losses.values()]).isfinite().all()
+                first_bad_step = torch.where(finite | (first_bad_step > 0), first_bad_step, step)
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
+                    sums[k] = sums[k] + v if k in sums else v
                 window_steps += 1
                 bar.update(1)
 
+                save_now = step % tc.ckpt_every == 0 or step == tc.steps
+                stop_now = False
+                if save_now or step % tc.check_every == 0:
+                    stop_now, bad_step = agree(accelerator, stop.signum is not None, first_bad_step)
+                    if bad_step:
+                        values = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, torch.stack(
+                            [v.float() for v in losses.values()]).tolist()))
+                        raise NonFiniteLoss(f"non-finite loss at step {bad_step} (step {step}: {values}); nothing saved "
+                                            f"after it. Last good checkpoint: {last_ckpt or 'none'}. Try a lower "
+                                            f"--optim.lr or --train.mixed_precision no")
                 if step % tc.log_every == 0 or step == tc.steps:
                     elapsed = time.perf_counter() - window_t
-                    metrics = {f"train/{k}": v / window_steps for k, v in sums.items()}
+                    means = torch.stack([v.float() for v in sums.values()]).div(window_steps).tolist()  # one sync per log
+                    metrics = {f"train/{k}": v for k, v in zip(sums, means)}
                     metrics.update({f"lr/{n}": family.base_lr[n] * lr_factor(step - 1, cfg) for n in names})
                     metrics.update({"perf/img_per_s": images_per_step * window_steps / elapsed,
                                     "perf/ms_per_step": 1000 * elapsed / window_steps,
@@ -252,7 +305,7 @@ def train(cfg, keep_process_group=False):
                     window_t, window_steps, sums = time.perf_counter(), 0, {}
                 if accelerator.is_main_process and (step % tc.sample_every == 0 or step == tc.steps):
                     sample_grid(step)
-                if step % tc.ckpt_every == 0 or step == tc.steps or stop_now:
+                if save_now or stop_now:
                     save(step)
                 if stop_now:
                     stopped_by = stop.signum or signal.SIGTERM  # another rank got it
@@ -265,7 +318,7 @@ def train(cfg, keep_process_group=False):
         # is fully alive: a gloo thread freeing the last tensor during interpreter exit aborts
         # the process ("terminate called without an active exception").
         plain_modules = {n: accelerator.unwrap_model(m) for n, m in family.modules.items()}
-        family.modules, modules, prepared, data_iter, loader = plain_modules, None, None, None, None
+        family.modules, prepared, data_iter, loader, micro_batches = plain_modules, None, None, None, None
         accelerator.free_memory()  # drops Accelerate's references, then gc.collect()
         if keep_process_group:  # the caller still talks to the other ranks
             for tracker in accelerator.trackers:

@@ -1,0 +1,123 @@
+"""One optimizer step through the training loop's phase runner (gen.train.run_phases) with
+grad_accum k at micro-batch b, against the gradients of one batch of k*b written out here from
+the loss formulas (no family code, no accumulation), on the same images and noise. Run as one
+process or under 2 DDP ranks (the reference then covers both ranks' data, as DDP averages).
+Also records each DDP all-reduce: with no_sync in effect, none happens before the last micro-batch.
+
+    python tests/accum_ranks.py OUT.json --preset gan --k 2 --b 8
+"""
+import argparse
+import copy
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from gen.config import parse
+from gen.data import make_loader
+from gen.families import build_family
+from gen.train import run_phases
+
+p = argparse.ArgumentParser()
+p.add_argument("out")
+p.add_argument("--preset", default="gan")
+p.add_argument("--data", required=True)
+p.add_argument("--k", type=int, default=2)
+p.add_argument("--b", type=int, default=8)
+args = p.parse_args()
+K, B = args.k, args.b
+cfg = parse(["--preset", args.preset, "--data", args.data, "--model.width", "8", "--model.diffaug",
+             "--model.r1_gamma", "1", "--model.r1_every", "1", "--model.kl_warmup_steps", "0"])
+acc = Accelerator(cpu=True, gradient_accumulation_steps=K)
+world, rank = acc.num_processes, acc.process_index
+torch.manual_seed(0)  # the same initial weights on every rank
+family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
+if "D" in family.modules:  # converge spectral norm's power iteration, which moves a little on every forward
+    with torch.no_grad():
+        for _ in range(200):
+            family.modules["D"](torch.zeros(1, 1, 28, 28))
+initial = {n: copy.deepcopy(m) for n, m in family.modules.items()}
+names = list(family.modules)
+prepared = acc.prepare(*family.modules.values(), *family.optimizers.values())
+family.modules, family.optimizers = dict(zip(names, prepared[:len(names)])), dict(zip(names, prepared[len(names):]))
+
+# what the optimizers see when they step, and how often DDP all-reduces each module's gradients
+grads, steps, reduces = {}, {n: 0 for n in names}, {n: [] for n in names}
+for n, opt in family.optimizers.items():
+    def pre_step(optimizer, a, kw, n=n):
+        steps[n] += 1
+        grads[n] = [p.grad.detach().clone() for p in family.modules[n].parameters()]
+    opt.optimizer.register_step_pre_hook(pre_step)
+    if world > 1:
+        def recording(state, bucket, n=n):
+            reduces[n].append(acc.sync_gradients)  # True only on the micro-batch that steps
+            return default_hooks.allreduce_hook(None, bucket)
+        family.modules[n].register_comm_hook(None, recording)
+
+loader, _, _ = make_loader(args.data, B, seed=0, rank=rank, world_size=world, workers=0)
+it = iter(loader)
+micro = [{"image": b["image"], "label": b["label"]} for b in (next(it) for _ in range(K))]
+NOISE_SEED = 1234 + rank
+torch.manual_seed(NOISE_SEED)
+run_phases(family, micro, 0, acc, 0.0)
+
+# the reference: every rank's images and noise, drawn in the family's order, as one batch
+torch.manual_seed(NOISE_SEED)
+latent = cfg.model.latent_dim
+noise = [torch.randn(B, latent) for _ in range(K * (2 if cfg.model.family == "gan" else 1))]
+everyone = [None] * world
+if world > 1:
+    torch.distributed.all_gather_object(everyone, ([m["image"] for m in micro], noise))
+else:
+    everyone = [([m["image"] for m in micro], noise)]
+
+
+def param_grads(module, loss):
+    return torch.autograd.grad(loss, [p for p in module.parameters()], allow_unused=True)
+
+
+report = {"steps": steps, "reduces": reduces}
+if cfg.model.family == "gan":
+    G, D = initial["G"], initial["D"]
+    xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
+    with torch.no_grad():  # G's BatchNorm sees each micro-batch of b, as in the accumulated run
+        fakes = torch.cat([G(z) for _, nz in everyone for z in nz[:K]])
+    real_logits, fake_logits = D(xs), D(fakes)
+    loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    xr = xs.clone().requires_grad_(True)
+    g, = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
+    loss_d = loss_d + 0.5 * 1.0 * 1 * g.pow(2).sum(dim=[1, 2, 3]).mean()
+    ref_d = param_grads(D, loss_d)
+    # D steps with torch's own Adam on that gradient, then G's batch goes through the new D
+    for p_, g_ in zip(D.parameters(), ref_d):
+        p_.grad = g_
+    torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas).step()
+    fakes = torch.cat([G(z) for _, nz in everyone for z in nz[K:]])
+    ref_g = param_grads(G, -D(fakes).mean())
+    reference = {"D": ref_d, "G": ref_g}
+else:
+    vae = initial["vae"]
+    losses = []
+    for imgs, nz in everyone:
+        for x, eps in zip(imgs, nz):
+            mean, logvar = vae.encoder(x)
+            recon = vae.decoder(mean + torch.exp(0.5 * logvar) * eps)
+            log_sigma = vae.log_sigma.clamp(min=-6.0)
+            nll = (0.5 * ((x - recon) / log_sigma.exp()) ** 2 + log_sigma + 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
+            kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)
+            losses.append(nll + kl)
+    reference = {"vae": param_grads(vae, torch.cat(losses).mean())}
+
+for n, ref in reference.items():
+    got = torch.cat([g.flatten() for g in grads[n]])
+    want = torch.cat([(r if r is not None else torch.zeros_like(p)).flatten()
+                      for r, p in zip(ref, family.modules[n].parameters())])
+    report[f"rel_err_{n}"] = float((got - want).abs().max() / want.abs().max())
+    report[f"max_abs_{n}"] = float(want.abs().max())
+
+if rank == 0:
+    json.dump(report, open(args.out, "w"))
+acc.end_training()
