@@ -1,6 +1,11 @@
 """Step overhead of the deepgen loop vs a bare PyTorch loop: same G/D, batch, loader and losses, CPU.
 
     python bench/bench_step.py [--steps 60] [--repeats 2]
+    python bench/bench_step.py --matrix [--data SHARDS] [--batch-size 64] [--width 16]
+
+--matrix: images/s of `python -m jobs.train` (as a user runs it) for the gan and vae presets
+with fp32 and bf16 (and fp16, torch.compile, channels_last on a GPU), beside the images/s of
+the data loader alone with the same settings: the loader must outrun the step.
 
 The bare loop is what one writes by hand: D step, G step, nothing else. The deepgen loop adds
 Accelerate's wrappers, data-position tracking, the per-step finiteness/stop agreement, LR
@@ -78,11 +83,79 @@ def bare_ms_per_step(shards, steps):
     return 1000 * (time.perf_counter() - t0) / (steps - steps // 2)
 
 
+def train_img_per_s(shards, run_dir, preset, batch_size, width, steps, workers, extra):
+    """Images/s over the second half of a real `python -m jobs.train` run (the first half warms up)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir),
+           "--train.batch_size", str(batch_size), "--model.width", str(width), "--train.steps", str(steps),
+           "--train.log_every", str(steps // 2), "--train.sample_every", str(10 * steps),
+           "--train.ckpt_every", str(10 * steps), "--log.wandb", "off", "--data.workers", str(workers), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+    lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return lines[-1]["perf/img_per_s"]
+
+
+def loader_img_per_s(shards, batch_size, workers, batches=200, cache_mb=1024):
+    from gen.data import make_loader
+    loader, _, _ = make_loader(shards, batch_size=batch_size, workers=workers, cache_mb=cache_mb)
+    it = iter(loader)
+    for _ in range(max(5, batches // 10)):  # warm-up: workers start, cache fills
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def matrix(args):
+    """One row per setting: train img/s, loader img/s, and their ratio."""
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    precisions = ["no", "bf16", "fp16"] if cuda else ["no", "bf16"]
+    layouts = [(False, False), (True, False), (False, True), (True, True)] if cuda else [(False, False)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.data or make_shards(tmp)
+        loader_rate = loader_img_per_s(shards, args.batch_size, args.workers)
+        loader_uncached = loader_img_per_s(shards, args.batch_size, args.workers, cache_mb=0)
+        for preset in ("gan", "vae"):
+            for precision in precisions:
+                for compiled, channels_last in layouts:
+                    extra = ["--train.mixed_precision", precision]
+                    extra += ["--train.compile", "True"] if compiled else []
+                    extra += ["--train.channels_last", "True"] if channels_last else []
+                    run_dir = Path(tmp) / f"{preset}-{precision}-{compiled}-{channels_last}"
+                    rate = train_img_per_s(shards, run_dir, preset, args.batch_size, args.width, args.steps,
+                                           args.workers, extra)
+                    rows.append((preset, precision, compiled, channels_last, rate))
+                    print(f"  {rows[-1]}", flush=True)
+    print(f"\n{device}; batch {args.batch_size}, width {args.width}, {args.steps} steps; data {args.data or 'MNIST 28px'}")
+    print(f"loader alone: {loader_rate:,.0f} img/s (cache on), {loader_uncached:,.0f} img/s (cache off), {args.workers} workers\n")
+    print("| preset | precision | compile | channels_last | train img/s | vs fp32 | loader / train |")
+    print("|---|---|---|---|---|---|---|")
+    base = {r[0]: r[4] for r in rows if r[1] == "no" and not r[2] and not r[3]}
+    for preset, precision, compiled, channels_last, rate in rows:
+        if isinstance(rate, str):
+            print(f"| {preset} | {precision} | {compiled} | {channels_last} | {rate} | | |")
+            continue
+        vs = rate / base[preset] if isinstance(base.get(preset), float) else float("nan")
+        print(f"| {preset} | {precision} | {compiled} | {channels_last} | {rate:,.0f} | {vs:.2f}x | {loader_rate / rate:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--matrix", action="store_true", help="img/s per preset x precision (x compile x channels_last on GPU)")
+    p.add_argument("--data", default=None, help="shards for --matrix (default: 4,000 MNIST digits)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
+    if args.matrix:
+        return matrix(args)
     import logging
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

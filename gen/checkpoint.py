@@ -1,6 +1,13 @@
 """Checkpoint folders `run_dir/checkpoints/checkpoint-{step:07d}`, written by accelerator.save_state
 into a temporary folder that is renamed only when complete (a kill leaves the previous ones
-intact). `meta.json` inside (deepgen version, config, step, W&B run id) marks a complete one."""
+intact). `meta.json` inside (deepgen version, config, step, W&B run id) marks a complete one.
+
+This module is the only reader of checkpoints. Besides Accelerate's training state (which
+resume needs, and which holds pickles), every checkpoint has `sampling.safetensors`: the
+weights sampling uses (the EMA copy when one is kept), named in meta.json. Sampling,
+evaluation and export read only meta.json and that file, so no pickle is ever loaded from a
+checkpoint someone else wrote. An export folder (`python -m jobs.export`) holds the same two
+things under shareable names: `config.json` and `generator.safetensors` / `vae.safetensors`."""
 import json
 import os
 import re
@@ -10,6 +17,8 @@ from pathlib import Path
 from . import __version__
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{7})$")
+SAMPLING_WEIGHTS = "sampling.safetensors"
+EXPORT_CONFIG = "config.json"
 
 
 class CheckpointError(Exception):
@@ -61,8 +70,9 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def save(accelerator, run_dir, step, meta, keep_last):
-    """Every rank calls this (save_state writes per-rank RNG states). Returns the final path."""
+def save(accelerator, run_dir, step, meta, keep_last, sampling_module):
+    """Every rank calls this (save_state writes per-rank RNG states). `sampling_module` (the EMA
+    copy or the plain target module) goes to sampling.safetensors. Returns the final path."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
@@ -76,7 +86,8 @@ def save(accelerator, run_dir, step, meta, keep_last):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        meta = dict(meta, deepgen_version=__version__, step=step, path=str(final))
+        write_weights(sampling_module, tmp / SAMPLING_WEIGHTS)
+        meta = dict(meta, deepgen_version=__version__, step=step, path=str(final), sampling_weights=SAMPLING_WEIGHTS)
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -88,3 +99,54 @@ def save(accelerator, run_dir, step, meta, keep_last):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def write_weights(module, path):
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def find_weights(path):
+    """(meta, weights file) of a checkpoint folder, a run dir (its newest checkpoint) or an export folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run dir, checkpoint or export folder")
+    if (path / "meta.json").is_file():
+        meta = read_meta(path)
+    elif (path / EXPORT_CONFIG).is_file() and "sampling_weights" in json.loads((path / EXPORT_CONFIG).read_text()):
+        meta = json.loads((path / EXPORT_CONFIG).read_text())
+    else:
+        found = checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path}: no complete checkpoint (checkpoints/checkpoint-*/meta.json) or export (config.json)")
+        return find_weights(found[0][1])
+    if "sampling_weights" not in meta or not (path / meta["sampling_weights"]).is_file():
+        raise CheckpointError(f"{path}: no sampling weights (written by an older deepgen?); "
+                              "train one more checkpoint with `--train.resume auto` to write them")
+    return meta, path / meta["sampling_weights"]
+
+
+def load_sampling_module(path, device="cpu"):
+    """(family, module in eval mode, config, meta), rebuilt from meta and the safetensors file
+    alone: nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    from .config import from_dict
+    from .families import build_family
+    meta, weights = find_weights(path)
+    cfg = from_dict(meta["config"])
+    family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0))
+    module = family.modules[family.ema_target]
+    module.load_state_dict(load_file(str(weights)))
+    return family, module.to(device).eval(), cfg, meta
+
+
+def export_weights(path, dest):
+    """The sampling weights as `generator.safetensors` (GAN) or `vae.safetensors`, and
+    `config.json`, into the folder dest. Returns (weights file name, meta)."""
+    meta, weights = find_weights(path)
+    name = "generator.safetensors" if meta["config"]["model"]["family"] == "gan" else "vae.safetensors"
+    shutil.copyfile(weights, Path(dest) / name)
+    shared = {k: meta[k] for k in ("config", "shape", "num_classes", "class_names", "step", "deepgen_version") if k in meta}
+    (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(dict(shared, sampling_weights=name), indent=1))
+    return name, meta

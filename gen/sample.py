@@ -32,33 +32,63 @@ def slerp(a, b, t):
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
-def load_for_sampling(run_or_checkpoint, device="cpu"):
-    """(family, module, config, meta) rebuilt from a checkpoint folder and its meta.json alone;
-    a run dir means its newest checkpoint. The EMA weights are used when the run kept them."""
-    from safetensors.torch import load_file
+def truncated_normal(shape, threshold, generator=None):
+    """BigGAN's truncation trick: N(0, I) with every |z_i| > threshold redrawn (trades variety for fidelity)."""
+    z = torch.randn(shape, generator=generator)
+    while threshold and (bad := z.abs() > threshold).any():
+        z[bad] = torch.randn(int(bad.sum()), generator=generator)
+    return z
 
-    from .checkpoint import checkpoints, read_meta
-    from .config import from_dict
-    from .families import build_family
 
-    path = Path(run_or_checkpoint)
-    if not (path / "meta.json").is_file():
-        found = checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"{path}: no complete checkpoint (checkpoints/checkpoint-*/meta.json)")
-        path = found[0][1]
-    meta = read_meta(path)
-    cfg = from_dict(meta["config"])
-    num_classes = meta.get("num_classes", 0)
-    family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), num_classes)
-    names = list(family.modules)
-    target = family.ema_target
-    module = family.modules[target]
-    ema_file = path / "custom_checkpoint_0.pkl"
-    if cfg.model.ema_decay > 0 and ema_file.is_file():
-        state = torch.load(ema_file, map_location="cpu", weights_only=False)
-        module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
-    else:  # accelerate names the i-th prepared model model.safetensors, model_1.safetensors, ...
-        i = names.index(target)
-        module.load_state_dict(load_file(path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
-    return family, module.to(device).eval(), cfg, meta
+class Sampler:
+    """A trained generator (GAN) or decoder (VAE), rebuilt from safetensors + config alone.
+
+        g = gen.load_generator("runs/mnist-gan")   # a run dir, a checkpoint or an export folder
+        images = g.sample(16, seed=0)               # (16, C, H, W) in [-1, 1]
+    """
+
+    def __init__(self, family, module, cfg, meta, device="cpu"):
+        self.family, self.module, self.config, self.meta, self.device = family, module, cfg, meta, device
+        self.latent_dim = cfg.model.latent_dim
+        self.num_classes = meta.get("num_classes", 0)
+        self.class_names = meta.get("class_names")
+        self.shape = tuple(meta["shape"])
+        self.is_vae = cfg.model.family == "vae"
+
+    def latents(self, n, seed=0, truncation=None):
+        return truncated_normal((n, self.latent_dim), truncation, torch.Generator().manual_seed(seed))
+
+    def default_labels(self, n):
+        return torch.arange(n) % max(self.num_classes, 1)
+
+    @torch.no_grad()
+    def generate(self, z, labels=None, batch_size=500):
+        """Images in [-1, 1] on the CPU, generated in batches on the sampler's device."""
+        labels = self.default_labels(len(z)) if labels is None else labels
+        out = [self.family.generate(self.module, z[i:i + batch_size].to(self.device),
+                                    labels[i:i + batch_size].to(self.device)).cpu()
+               for i in range(0, len(z), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, *self.shape)
+
+    def sample(self, n, seed=0, labels=None, truncation=None):
+        return self.generate(self.latents(n, seed, truncation), labels)
+
+    @torch.no_grad()
+    def reconstruct(self, x, labels=None):
+        labels = self.default_labels(len(x)) if labels is None else labels
+        return self.family.reconstruct(self.module, x.to(self.device), labels.to(self.device)).cpu()
+
+    @torch.no_grad()
+    def encode(self, x, labels=None):
+        """VAE posterior means."""
+        labels = self.default_labels(len(x)) if labels is None else labels
+        mean, _ = self.module.encoder(x.to(self.device), labels.to(self.device) if self.config.model.conditional else None)
+        return mean.float().cpu()
+
+
+def load_generator(path, device="cpu"):
+    """A Sampler from a run dir (newest checkpoint), a checkpoint folder or an export folder.
+    Reads only the config and the safetensors weights: nothing is unpickled."""
+    from .checkpoint import load_sampling_module
+    family, module, cfg, meta = load_sampling_module(path, device)
+    return Sampler(family, module, cfg, meta, device)

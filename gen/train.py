@@ -238,9 +238,12 @@ def train(cfg, keep_process_group=False):
     def save(step):
         nonlocal last_ckpt
         state.data = gather_object([position.state_dict()])  # every rank's stream position, by rank
+        sampling_module = ema.module if ema else accelerator.unwrap_model(family.modules[family.ema_target])
         last_ckpt = checkpoint.save(accelerator, run_dir, step, {"config": config_dict, "shape": list(shape),
                                                                  "num_classes": num_classes,
-                                                                 "wandb_run_id": state.wandb_run_id}, tc.keep_last)
+                                                                 "class_names": manifest.get("class_names"),
+                                                                 "wandb_run_id": state.wandb_run_id},
+                                    tc.keep_last, sampling_module)
 
     def to_device(batch):
         position.update(batch["position"])

@@ -14,7 +14,8 @@ import torch
 
 
 def main(argv=None):
-    from gen.sample import load_for_sampling, save_grid, slerp
+    from gen.checkpoint import CheckpointError
+    from gen.sample import load_generator, save_grid, slerp
     p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir (newest checkpoint) or a checkpoint folder")
@@ -24,28 +25,26 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        family, module, cfg, meta = load_for_sampling(args.run)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        g = load_generator(args.run)
+    except (CheckpointError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    cfg = g.config
     out = Path(args.out or (Path(args.run) / "final" if (Path(args.run) / "checkpoints").is_dir() else Path(args.run).parent.parent / "final"))
-    g = torch.Generator().manual_seed(args.seed)
-    classes = meta.get("num_classes", 0)
-    labels = torch.arange(args.n) % max(classes, 1)
-    z = torch.randn(args.n, cfg.model.latent_dim, generator=g)
-    save_grid(family.generate(module, z, labels), out / "samples.png")
+    save_grid(g.sample(args.n, seed=args.seed), out / "samples.png")
     rows = 8
-    a, b = torch.randn(rows, cfg.model.latent_dim, generator=g), torch.randn(rows, cfg.model.latent_dim, generator=g)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    a, b = torch.randn(rows, g.latent_dim, generator=gen), torch.randn(rows, g.latent_dim, generator=gen)
     path = torch.cat([slerp(a, b, t) for t in torch.linspace(0, 1, args.steps)], dim=0)
     order = torch.arange(rows * args.steps).view(args.steps, rows).t().flatten()  # one interpolation per row
-    row_labels = (torch.arange(rows) % max(classes, 1)).repeat(args.steps)
-    save_grid(family.generate(module, path, row_labels)[order], out / "interpolations.png", nrow=args.steps)
+    row_labels = g.default_labels(rows).repeat(args.steps)
+    save_grid(g.generate(path, row_labels)[order], out / "interpolations.png", nrow=args.steps)
     written = ["samples.png", "interpolations.png"]
-    if cfg.model.family == "vae" and Path(cfg.data.path, "manifest.json").is_file():
+    if g.is_vae and Path(cfg.data.path, "manifest.json").is_file():
         from gen.data import make_loader
         loader, _, _ = make_loader(cfg.data.path, batch_size=32, workers=0, epochs=1, split=cfg.data.split)
         batch = next(iter(loader))
-        recon = family.reconstruct(module, batch["image"], batch["label"])
+        recon = g.reconstruct(batch["image"], batch["label"])
         save_grid(torch.stack([batch["image"], recon], dim=1).flatten(0, 1), out / "reconstructions.png", nrow=8)
         written.append("reconstructions.png")
     print(f"wrote {', '.join(written)} to {out}")

@@ -248,3 +248,44 @@ def test_bad_options_are_one_line_errors(mnist_shards, tmp_path):
     assert proc.returncode == 1 and "python -m data_prep" in proc.stderr and "Traceback" not in proc.stderr
     proc = run(["-m", "jobs.train", "--data", str(mnist_shards), "--train.mixed_precision", "fp8"])
     assert proc.returncode == 2 and "fp8" in proc.stderr
+
+
+def test_sampling_and_export_read_no_pickle(mnist_shards, tmp_path):
+    """Sampling needs only meta.json + sampling.safetensors (a copy holding nothing else works),
+    opens no pickle file and unpickles nothing; the export folder holds no pickle and gives the
+    same images as the checkpoint it came from."""
+    run(train_cmd(mnist_shards, tmp_path / "run", "--train.steps", "4", "--train.ckpt_every", "4", "--log.wandb", "off"),
+        check=True)
+    ckpt = tmp_path / "run/checkpoints/checkpoint-0000004"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["sampling_weights"] == "sampling.safetensors"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("meta.json", "sampling.safetensors"):
+        shutil.copy(ckpt / name, bare / name)
+    record = tmp_path / "audit.json"
+    run([str(ROOT / "tests" / "audit_files.py"), str(record), "jobs.sample", str(bare), "--out", str(tmp_path / "s")],
+        check=True)
+    audit = json.loads(record.read_text())
+    assert audit["code"] == 0 and audit["unpickled"] == []
+    read_from_ckpt = [f for f in audit["opened"] if f.startswith(str(bare))]
+    assert read_from_ckpt and all(f.endswith(".json") for f in read_from_ckpt), read_from_ckpt  # safetensors: mmap
+    assert not [f for f in audit["opened"] if f.endswith((".pkl", ".bin", ".pt"))]
+    from PIL import Image
+    assert Image.open(tmp_path / "s/samples.png").size[0] > 28
+
+    run(["-m", "jobs.export", str(tmp_path / "run"), "--out", str(tmp_path / "export")], check=True)
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert files == ["README.md", "config.json", "generator.safetensors", "samples.png"], files
+    assert "load_generator" in (tmp_path / "export/README.md").read_text()
+    import gen
+    a = gen.load_generator(tmp_path / "export").sample(8, seed=3)
+    b = gen.load_generator(ckpt).sample(8, seed=3)
+    assert a.shape == (8, 1, 28, 28) and torch.equal(a, b)
+    # the EMA weights are the ones exported: they differ from the raw generator's
+    from safetensors.torch import load_file
+    raw = load_file(ckpt / "model.safetensors")
+    exported = load_file(tmp_path / "export/generator.safetensors")
+    assert exported.keys() == raw.keys() and any(not torch.equal(exported[k], raw[k]) for k in raw)
+    refused = run(["-m", "jobs.export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "not an empty folder" in refused.stderr
