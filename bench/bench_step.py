@@ -92,7 +92,9 @@ def train_img_per_s(shards, run_dir, preset, batch_size, width, steps, workers, 
            "--train.ckpt_every", str(10 * steps), "--log.wandb", "off", "--data.workers", str(workers), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        return f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        lines = [l.strip("│ ") for l in proc.stderr.splitlines() if l.strip("│╭╰─ ")]
+        errors = [l for l in lines if "rror" in l]
+        return f"failed: {(errors or lines or [proc.returncode])[-1]}"
     lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return lines[-1]["perf/img_per_s"]
 
@@ -113,24 +115,25 @@ def matrix(args):
     """One row per setting: train img/s, loader img/s, and their ratio."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    precisions = ["no", "bf16", "fp16"] if cuda else ["no", "bf16"]
-    layouts = [(False, False), (True, False), (False, True), (True, True)] if cuda else [(False, False)]
+    # (precision, compile, channels_last); on a GPU the layout options are tried with bf16
+    settings = [("no", False, False), ("bf16", False, False)]
+    if cuda and not args.precision_only:
+        settings += [("fp16", False, False), ("bf16", False, True), ("bf16", True, False)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.data or make_shards(tmp)
         loader_rate = loader_img_per_s(shards, args.batch_size, args.workers)
         loader_uncached = loader_img_per_s(shards, args.batch_size, args.workers, cache_mb=0)
-        for preset in ("gan", "vae"):
-            for precision in precisions:
-                for compiled, channels_last in layouts:
-                    extra = ["--train.mixed_precision", precision]
-                    extra += ["--train.compile", "True"] if compiled else []
-                    extra += ["--train.channels_last", "True"] if channels_last else []
-                    run_dir = Path(tmp) / f"{preset}-{precision}-{compiled}-{channels_last}"
-                    rate = train_img_per_s(shards, run_dir, preset, args.batch_size, args.width, args.steps,
-                                           args.workers, extra)
-                    rows.append((preset, precision, compiled, channels_last, rate))
-                    print(f"  {rows[-1]}", flush=True)
+        for preset in args.presets.split(","):
+            for precision, compiled, channels_last in settings:
+                extra = ["--train.mixed_precision", precision]
+                extra += ["--train.compile"] if compiled else []
+                extra += ["--train.channels_last"] if channels_last else []
+                run_dir = Path(tmp) / f"{preset}-{precision}-{compiled}-{channels_last}"
+                rate = train_img_per_s(shards, run_dir, preset, args.batch_size, args.width, args.steps,
+                                       args.workers, extra)
+                rows.append((preset, precision, compiled, channels_last, rate))
+                print(f"  {rows[-1]}", flush=True)
     print(f"\n{device}; batch {args.batch_size}, width {args.width}, {args.steps} steps; data {args.data or 'MNIST 28px'}")
     print(f"loader alone: {loader_rate:,.0f} img/s (cache on), {loader_uncached:,.0f} img/s (cache off), {args.workers} workers\n")
     print("| preset | precision | compile | channels_last | train img/s | vs fp32 | loader / train |")
@@ -153,6 +156,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--presets", default="gan,vae")
+    p.add_argument("--precision-only", action="store_true", help="--matrix: fp32 and bf16 only")
     args = p.parse_args()
     if args.matrix:
         return matrix(args)

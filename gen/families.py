@@ -1,6 +1,8 @@
 """Model families plug into the one training loop through a small interface:
 
     family.modules      {name: nn.Module}  prepared by the accelerator, in this order
+    family.plain        {name: nn.Module}  the same modules unwrapped (no DDP/compile wrapper): calls that
+                        must not synchronise ranks (frozen D, R1's double backward, G under no_grad)
     family.optimizers   {name: Optimizer}  one per module; `base_lr[name]` feeds the LR schedule
     family.ema_target   name of the module whose EMA is kept (G, or the whole VAE)
     family.phases(step) -> [Phase]: what one optimizer step does, in order (GAN: D, then G)
@@ -51,7 +53,7 @@ class GANFamily:
             opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, weight_decay=optim_cfg.weight_decay)
         else:
             opt_d = _adam(D.parameters(), optim_cfg.lr_d, optim_cfg)
-        self.modules = {"G": G, "D": D}
+        self.modules, self.plain = {"G": G, "D": D}, {"G": G, "D": D}
         self.optimizers = {"G": _adam(G.parameters(), optim_cfg.lr, optim_cfg), "D": opt_d}
         self.base_lr = {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
         self.ema_target = "G"
@@ -73,7 +75,7 @@ class GANFamily:
     def _d_phase(self, batch, step, accelerator):
         """D on reals and fakes in one forward pass, plus lazy R1 every r1_every optimizer steps."""
         D = self.modules["D"]
-        G = accelerator.unwrap_model(self.modules["G"])  # no gradients, no DDP collectives
+        G = self.plain["G"]  # no gradients, no DDP collectives
         x = batch["image"]
         labels = batch["label"] if self.cfg.conditional else None
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
@@ -87,8 +89,8 @@ class GANFamily:
         if self.cfg.r1_gamma > 0 and step % self.cfg.r1_every == 0:
             # lazy R1 (StyleGAN2): the penalty every r1_every steps, scaled up by r1_every
             real = self._aug(x).detach().requires_grad_(True)
-            d_plain = accelerator.unwrap_model(D)  # double backward outside the DDP wrapper
-            grad, = torch.autograd.grad(d_plain(real, labels).float().sum(), real, create_graph=True)
+            # double backward outside the DDP wrapper
+            grad, = torch.autograd.grad(self.plain["D"](real, labels).float().sum(), real, create_graph=True)
             r1 = grad.pow(2).sum(dim=[1, 2, 3]).mean()
             loss = loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
             out["r1"] = r1.detach()
@@ -100,7 +102,7 @@ class GANFamily:
         labels = batch["label"] if self.cfg.conditional else None
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         fake = self.modules["G"](z, labels)
-        loss = self._g_loss(accelerator.unwrap_model(self.modules["D"])(self._aug(fake), labels).float())
+        loss = self._g_loss(self.plain["D"](self._aug(fake), labels).float())
         return loss, {"loss_g": loss.detach()}
 
     @torch.no_grad()
@@ -121,7 +123,7 @@ class VAEFamily:
             enc = nets.Encoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
             dec = nets.Decoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
         vae = nets.VAE(enc, dec)
-        self.modules = {"vae": vae}
+        self.modules, self.plain = {"vae": vae}, {"vae": vae}
         self.optimizers = {"vae": _adam(vae.parameters(), optim_cfg.lr, optim_cfg)}
         self.base_lr = {"vae": optim_cfg.lr}
         self.ema_target = "vae"
@@ -144,7 +146,7 @@ class VAEFamily:
         if self.cfg.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(recon, (x.float() + 1) / 2, reduction="none").sum(dim=[1, 2, 3])
         else:
-            log_sigma = accelerator.unwrap_model(vae).log_sigma.float().clamp(min=-6.0)
+            log_sigma = self.plain["vae"].log_sigma.float().clamp(min=-6.0)
             nll = (0.5 * ((x.float() - recon) / log_sigma.exp()) ** 2 + log_sigma
                    + 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
         if self.cfg.kl == "mc":  # single-sample estimate log q(z|x) - log p(z), as the tutorial

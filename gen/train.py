@@ -123,7 +123,7 @@ def run_phases(family, micro_batches, step, accelerator, max_norm):
     sums = {}
     for phase in family.phases(step):
         module, opt = family.modules[phase.name], family.optimizers[phase.name]
-        with frozen([accelerator.unwrap_model(family.modules[n]) for n in phase.frozen]):
+        with frozen([family.plain[n] for n in phase.frozen]):
             for batch in micro_batches:
                 with accelerator.accumulate(module):  # DDP's no_sync on all but the last micro-batch
                     loss, metrics = phase.loss(batch, step, accelerator)
@@ -268,7 +268,7 @@ def train(cfg, keep_process_group=False):
                 micro_batches = [to_device(next(data_iter)) for _ in range(tc.grad_accum)]
                 losses = run_phases(family, micro_batches, state.step, accelerator, cfg.optim.grad_clip)
                 if ema:
-                    ema.update(accelerator.unwrap_model(family.modules[family.ema_target]), state.step)
+                    ema.update(family.plain[family.ema_target], state.step)
                 state.step += 1
                 step = state.step
                 # on the device: remember the first step with a non-finite loss, sum losses for the log
