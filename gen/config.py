@@ -82,12 +82,21 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0                  # FID/KID (+ legibility) of the EMA weights every N steps; 0 = off
+    n: int = 2000                   # samples (and real images) per evaluation: small n biases FID up
+    space: Literal["domain", "inception"] = "domain"  # feature space (see python -m jobs.evaluate)
+    seed: int = 0                   # the evaluation's own RNG: the training stream is unchanged
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _preset(model=None, optim=None, train=None):
@@ -149,4 +158,4 @@ def from_dict(d):
         return cls(**kwargs)
     return Config(data=build(DataConfig, d.get("data", {})), model=build(ModelConfig, d.get("model", {})),
                   optim=build(OptimConfig, d.get("optim", {})), train=build(TrainConfig, d.get("train", {})),
-                  log=build(LogConfig, d.get("log", {})))
+                  log=build(LogConfig, d.get("log", {})), eval=build(EvalConfig, d.get("eval", {})))

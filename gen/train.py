@@ -54,16 +54,18 @@ class TrainResult:
 
 
 class TrainState:
-    """Step, data position and W&B run id: checkpointed with the models (register_for_checkpointing)."""
+    """Step, data position, W&B run id and training wall time: checkpointed with the models
+    (register_for_checkpointing)."""
 
     def __init__(self):
-        self.step, self.data, self.wandb_run_id = 0, None, None
+        self.step, self.data, self.wandb_run_id, self.elapsed = 0, None, None, 0.0
 
     def state_dict(self):
-        return {"step": self.step, "data": self.data, "wandb_run_id": self.wandb_run_id}
+        return {"step": self.step, "data": self.data, "wandb_run_id": self.wandb_run_id, "elapsed": self.elapsed}
 
     def load_state_dict(self, d):
         self.step, self.data, self.wandb_run_id = d["step"], d["data"], d["wandb_run_id"]
+        self.elapsed = d.get("elapsed", 0.0)
 
 
 class StopSignals:
@@ -235,6 +237,33 @@ def train(cfg, keep_process_group=False):
         if mode:
             tracking.log_image(accelerator, "samples", grid, step)
 
+    # Evaluation during training (--eval.every): real features once, then FID/KID of the EMA
+    # weights; its own RNG (fork_rng), so the training stream is the same with it or without.
+    rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    evaluator = None
+    if cfg.eval.every > 0 and accelerator.is_main_process:
+        from .metrics import Evaluator
+        with torch.random.fork_rng(devices=rng_devices):
+            evaluator = Evaluator(cfg.data.path, n=cfg.eval.n, space=cfg.eval.space, seed=cfg.eval.seed,
+                                  device=accelerator.device, split=cfg.data.split, with_prdc=False)
+
+    def evaluate(step):
+        from .sample import Sampler
+        module = ema.module if ema else family.plain[family.ema_target]
+        was_training = module.training
+        module.eval()
+        sampler = Sampler(family, module, cfg, {"shape": shape, "num_classes": num_classes}, accelerator.device)
+        with torch.random.fork_rng(devices=rng_devices):
+            scores = evaluator.score(sampler.sample(evaluator.n, seed=cfg.eval.seed))
+        module.train(was_training)
+        record = {"step": step, "time/elapsed_s": state.elapsed, **{f"eval/{k}": v for k, v in scores.items()
+                                                                     if isinstance(v, float)}}
+        bar.write(f"eval at step {step}: FID {scores['fid']:.3f} (real vs real {evaluator.floors['real_vs_real']['fid']:.3f})"
+                  + (f", legibility {scores['legibility']:.3f}" if "legibility" in scores else "") + f" [{evaluator.space}]")
+        write_jsonl(run_dir / "metrics.jsonl", record)
+        if mode:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
     def save(step):
         nonlocal last_ckpt
         state.data = gather_object([position.state_dict()])  # every rank's stream position, by rank
@@ -294,8 +323,10 @@ def train(cfg, keep_process_group=False):
                     means = torch.stack([v.float() for v in sums.values()]).div(window_steps).tolist()  # one sync per log
                     metrics = {f"train/{k}": v for k, v in zip(sums, means)}
                     metrics.update({f"lr/{n}": family.base_lr[n] * lr_factor(step - 1, cfg) for n in names})
+                    state.elapsed += elapsed
                     metrics.update({"perf/img_per_s": images_per_step * window_steps / elapsed,
                                     "perf/ms_per_step": 1000 * elapsed / window_steps,
+                                    "time/elapsed_s": state.elapsed, "data/images_seen": step * images_per_step,
                                     "data/epoch": position.epoch, "data/skipped": position.skipped})
                     if accelerator.is_main_process:
                         bar.set_postfix({"img/s": f"{metrics['perf/img_per_s']:.0f}"}, refresh=False)
@@ -308,6 +339,8 @@ def train(cfg, keep_process_group=False):
                     window_t, window_steps, sums = time.perf_counter(), 0, {}
                 if accelerator.is_main_process and (step % tc.sample_every == 0 or step == tc.steps):
                     sample_grid(step)
+                if evaluator and (step % cfg.eval.every == 0 or step == tc.steps):
+                    evaluate(step)
                 if save_now or stop_now:
                     save(step)
                 if stop_now:

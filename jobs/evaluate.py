@@ -68,6 +68,31 @@ def log_to_wandb(run_dir, meta, results):
     return mode
 
 
+def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weights=None, truncation=None,
+                 device="cpu"):
+    """Score a run and write RUN/eval/metrics.json; returns (results, evaluator, sampler)."""
+    from gen.features import find_inception_weights
+    from gen.metrics import Evaluator
+    from gen.sample import load_generator
+    from gen.shard_format import atomic_write_json
+    g = load_generator(run, device=device)
+    data = data or g.config.data.path
+    if space == "auto":
+        space = "inception" if find_inception_weights(inception_weights) else "domain"
+    t0 = time.perf_counter()
+    ev = Evaluator(data, n=n, space=space, seed=seed, inception_weights=inception_weights, device=device)
+    t1 = time.perf_counter()
+    model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
+    results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,
+               "seed": seed, "truncation": truncation, "model": model, "floors": ev.floors,
+               "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
+                                                         "sample_and_score": round(time.perf_counter() - t1, 1)}}
+    out = run_dir_of(run) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", results)
+    return results, ev, g
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,32 +108,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from gen.checkpoint import CheckpointError
-    from gen.features import find_inception_weights
-    from gen.metrics import Evaluator
-    from gen.sample import load_generator
-    from gen.shard_format import DataError, atomic_write_json
+    from gen.shard_format import DataError
     try:
-        g = load_generator(args.run, device=args.device)
-        data = args.data or g.config.data.path
-        space = args.space
-        if space == "auto":
-            space = "inception" if find_inception_weights(args.inception_weights) else "domain"
-        t0 = time.perf_counter()
-        ev = Evaluator(data, n=args.n, space=space, seed=args.seed, inception_weights=args.inception_weights,
-                       device=args.device)
+        results, ev, g = evaluate_run(args.run, args.data, args.n, args.space, args.seed, args.inception_weights,
+                                      args.truncation, args.device)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    t1 = time.perf_counter()
-    samples = g.sample(ev.n, seed=args.seed + 1000, truncation=args.truncation)
-    model = ev.score(samples)
-    results = {"run": str(args.run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "space": ev.space,
-               "seed": args.seed, "truncation": args.truncation, "model": model, "floors": ev.floors,
-               "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
-                                                         "sample_and_score": round(time.perf_counter() - t1, 1)}}
     out = run_dir_of(args.run) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", results)
+    model = results["model"]
     print(f"{Path(args.run)} at step {results['step']}: n={ev.n}, features: {ev.space}")
     print(table(results))
     if ev.labeled:

@@ -1,0 +1,173 @@
+"""Evaluation as a user runs it: metrics against independent computations, floors in the right
+order, a worse run scoring worse, every written file decoding, and the GAN-vs-VAE report
+rendered in headless Chromium with every image loaded."""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_idx_dir, run, train_cmd
+
+# a short domain classifier keeps CI fast; the README default trains 600 steps
+DOMAIN_STEPS = "250"
+
+
+@pytest.fixture(scope="module")
+def eval_env(tmp_path_factory, digits):
+    """2,000 real train digits + 500 test as shards, and a cache folder for the domain network."""
+    root = tmp_path_factory.mktemp("eval")
+    make_idx_dir(root / "idx", digits, 2000, 500)
+    run(["-m", "data_prep", "mnist", "--source", str(root / "idx"), "--out", str(root / "shards"),
+         "--shard-size", "500"], check=True)
+    env = {"DEEPGEN_CACHE": str(root / "cache"), "DEEPGEN_DOMAIN_STEPS": DOMAIN_STEPS}
+    return root / "shards", env, root
+
+
+@pytest.fixture(scope="module")
+def gan_run(eval_env):
+    """A small GAN with checkpoints at steps 20 and 300, evaluated during training."""
+    shards, env, root = eval_env
+    run_dir = root / "gan"
+    run(train_cmd(shards, run_dir, "--train.steps", "300", "--train.batch_size", "32", "--model.width", "16",
+                  "--train.ckpt_every", "20", "--train.keep_last", "20", "--train.log_every", "20",
+                  "--eval.every", "150", "--eval.n", "300", "--log.wandb", "offline"), env=env, check=True)
+    return run_dir
+
+
+def test_fid_and_kid_agree_with_scipy_and_numpy():
+    from scipy import linalg
+
+    from gen.metrics import fid, kid
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    b = torch.randn(500, 16, generator=g) @ torch.randn(16, 16, generator=g) + 0.3
+    x, y = a.double().numpy(), b.double().numpy()
+    mu1, mu2, s1, s2 = x.mean(0), y.mean(0), np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert abs(fid(a, b) - expected) / expected < 1e-3
+    # KID on one subset holding every sample: the unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3
+    n = 500
+    x, y = x[:n], y[:n]
+    k = lambda p, q: (p @ q.T / x.shape[1] + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    mmd = (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
+    mean, _ = kid(a[:n], b[:n], subsets=1, subset_size=n)
+    assert abs(mean - mmd) / abs(mmd) < 1e-3
+
+
+def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run, tmp_path):
+    shards, env, _ = eval_env
+    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb"], env=env, check=True)
+    first = json.loads((gan_run / "eval/metrics.json").read_text())
+    assert "features: domain classifier" in proc.stdout and "real vs real" in proc.stdout
+    assert first["n"] == 500 and first["space"].startswith("domain classifier") and first["step"] == 300
+    assert first["domain_net"]["held_out_accuracy"] >= 0.9  # 250 steps here; 600 by default reach >= 0.99
+    floors = first["floors"]
+    rr, blur, noise = (floors[k]["fid"] for k in ("real_vs_real", "blurred_real", "noise"))
+    assert rr < 0.1 * blur and blur < noise, floors
+    assert floors["real_vs_real"]["precision"] > 0.8 and floors["noise"]["precision"] == 0
+    assert 0.9 <= floors["real_vs_real"]["legibility"] <= 1.0
+    # the same seed gives the same metrics, also with the domain network trained again from scratch
+    fresh = dict(env, DEEPGEN_CACHE=str(tmp_path / "cache2"))
+    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb"], env=fresh, check=True)
+    again = json.loads((gan_run / "eval/metrics.json").read_text())
+    assert again["model"] == first["model"] and again["floors"] == first["floors"]
+    # and another seed gives other samples, so other numbers (the check can fail)
+    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb", "--seed", "1"], env=env, check=True)
+    assert json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"] != first["model"]["fid"]
+
+
+def test_a_shorter_run_scores_worse(eval_env, gan_run):
+    shards, env, _ = eval_env
+    fids = {}
+    for step in (20, 300):
+        ckpt = gan_run / f"checkpoints/checkpoint-{step:07d}"
+        run(["-m", "jobs.evaluate", str(ckpt), "--n", "500", "--no-wandb"], env=env, check=True)
+        fids[step] = json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"]
+    assert fids[300] < 0.7 * fids[20], fids
+
+
+def test_eval_during_training_leaves_the_training_stream_unchanged(eval_env, gan_run, tmp_path):
+    shards, env, _ = eval_env
+    rows = [json.loads(l) for l in (gan_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [150, 300] and all(r["eval/fid"] > 0 and r["time/elapsed_s"] > 0 for r in evals)
+    assert evals[1]["eval/fid"] < evals[0]["eval/fid"]
+    # the same run without --eval.every: bit-identical weights at step 300
+    run(train_cmd(shards, tmp_path / "plain", "--train.steps", "300", "--train.batch_size", "32", "--model.width", "16",
+                  "--train.ckpt_every", "20", "--train.keep_last", "20", "--train.log_every", "20", "--log.wandb", "off"),
+        env=env, check=True)
+    from safetensors.torch import load_file
+    for name in ("model.safetensors", "model_1.safetensors", "sampling.safetensors"):
+        a = load_file(gan_run / "checkpoints/checkpoint-0000300" / name)
+        b = load_file(tmp_path / "plain/checkpoints/checkpoint-0000300" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.fixture(scope="module")
+def vae_run(eval_env):
+    """The TF-tutorial VAE (2-D latent), briefly."""
+    shards, env, root = eval_env
+    run_dir = root / "seed-vae"
+    run(train_cmd(shards, run_dir, "--train.steps", "150", "--train.log_every", "25", "--log.wandb", "offline",
+                  preset="seed-vae") + ["--train.batch_size", "32"], env=env, check=True)
+    return run_dir
+
+
+def test_every_written_file_decodes(eval_env, gan_run, vae_run, tmp_path):
+    from PIL import Image
+    _, env, root = eval_env
+    run(["-m", "jobs.sample", str(gan_run), "--out", str(tmp_path / "g"), "--npz", str(tmp_path / "g.npz"),
+         "--n", "1200", "--truncation", "1.0"], env=env, check=True)
+    arr = np.load(tmp_path / "g.npz")["arr_0"]
+    assert arr.shape == (1200, 28, 28, 1) and arr.dtype == np.uint8 and arr.std() > 10
+    assert Image.open(tmp_path / "g/samples.png").size == (16 * 30 + 2, 16 * 30 + 2)  # 256 of 1200, 16 per row
+    gif = Image.open(tmp_path / "g/interpolations.gif")
+    assert gif.n_frames == 2 * 10 - 2  # 10 steps forward, then back without repeating the ends
+    run(["-m", "jobs.sample", str(vae_run), "--out", str(tmp_path / "v")], env=env, check=True)
+    for name in ("samples.png", "interpolations.png", "reconstructions.png", "manifold.png", "latent_scatter.png"):
+        with Image.open(tmp_path / "v" / name) as im:
+            im.load()
+            assert min(im.size) > 28, name
+    assert Image.open(tmp_path / "v/manifold.png").size == (20 * 30 + 2, 20 * 30 + 2)
+    refused = run(["-m", "jobs.sample", str(vae_run), "--truncation", "1"], env=env)
+    assert refused.returncode == 1 and "GANs" in refused.stderr
+
+
+def test_conditional_model_writes_a_grid_per_class(eval_env, tmp_path):
+    shards, env, _ = eval_env
+    run(train_cmd(shards, tmp_path / "c", "--train.steps", "2", "--model.conditional", "--log.wandb", "off"),
+        env=env, check=True)
+    run(["-m", "jobs.sample", str(tmp_path / "c"), "--out", str(tmp_path / "s")], env=env, check=True)
+    from PIL import Image
+    assert Image.open(tmp_path / "s/classes.png").size == (10 * 30 + 2, 10 * 30 + 2)  # 10 classes x 10
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (.ci/install installs it)")
+def test_gan_vs_vae_report_renders_with_every_image(eval_env, gan_run, vae_run, tmp_path):
+    _, env, _ = eval_env
+    report = tmp_path / "report.html"
+    proc = run(["-m", "jobs.compare", str(gan_run), str(vae_run), "--n", "500", "--out", str(report)],
+               env=env, check=True)
+    assert "Closest to the real data" in proc.stdout and "is a VAE" in proc.stdout
+    page = report.read_text()
+    assert "real vs real" in page and "src='data:image/" in page and "file://" not in page
+    chrome = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*chrome, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    ok, total = int(loaded.group(1)), int(loaded.group(2))
+    # GAN: samples, interpolations; VAE: + reconstructions, manifold, latent scatter; a curve each
+    assert total >= 9 and ok == total, loaded.group(0)
+    shot = tmp_path / "report.png"
+    subprocess.run([*chrome, f"--screenshot={shot}", "--window-size=1400,2400", report.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (2400, 1400) and pixels.std() > 20  # not a blank page
