@@ -83,6 +83,25 @@ def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run, tmp_path):
     assert json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"] != first["model"]["fid"]
 
 
+def test_scores_go_to_the_runs_own_wandb_run(eval_env, gan_run):
+    """Offline W&B: evaluation continues the training run (same id) with a summary and a table;
+    the training curve has eval/fid at the evaluation steps."""
+    from wandb_records import history, records, run_id
+    _, env, _ = eval_env
+    before = set(gan_run.glob("wandb/offline-run-*"))
+    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "300"], env=env, check=True)
+    assert "logged to the run's W&B run" in proc.stdout
+    new = sorted(set(gan_run.glob("wandb/offline-run-*")) - before)
+    train_file = next(next(iter(before)).glob("run-*.wandb"))
+    eval_file = next(new[0].glob("run-*.wandb"))
+    assert run_id(eval_file) == run_id(train_file)
+    assert [step for step, items in history(train_file) if "eval/fid" in items] == [150, 300]
+    summary_keys = {i.key for r in records(eval_file) if r.WhichOneof("record_type") == "summary"
+                    for i in r.summary.update}
+    logged = {k for _, items in history(eval_file) for k in items}
+    assert "eval/fid" in summary_keys and any(k.startswith("eval/table") for k in logged), (summary_keys, logged)
+
+
 def test_a_shorter_run_scores_worse(eval_env, gan_run):
     shards, env, _ = eval_env
     fids = {}
