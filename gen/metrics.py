@@ -106,7 +106,12 @@ class Evaluator:
             weights = feats.find_inception_weights(inception_weights)
             if weights is None:
                 log.warning("no Inception weights on disk: torch-fidelity will try to download them")
-            self.features = feats.InceptionFeatures(weights).to(device).eval()
+            try:
+                self.features = feats.InceptionFeatures(weights).to(device).eval()
+            except OSError as e:  # URLError included: no network and no weights
+                raise feats.DataError(f"cannot get the Inception weights ({type(e).__name__}: {e}); pass "
+                                      f"--inception-weights PATH or put {feats.INCEPTION_FILE} in {feats.cache_dir()} "
+                                      "(README: Inception weights), or use --space domain") from None
             self.space = f"inception-v3 pool3 (2048-d){'' if weights is None else f', weights {weights}'}"
         elif space == "domain":
             self.features = self.domain

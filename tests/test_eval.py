@@ -190,3 +190,21 @@ def test_gan_vs_vae_report_renders_with_every_image(eval_env, gan_run, vae_run, 
     from PIL import Image
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (2400, 1400) and pixels.std() > 20  # not a blank page
+
+
+def test_inception_space_runs_from_a_local_weights_file(eval_env, gan_run, tmp_path):
+    """No network here, so no real FID weights: a file in torch-fidelity's format holding the
+    network's random initial weights exercises the whole offline path (--inception-weights)."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    with mock.patch("torch.load", return_value={}), mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), weights)
+    _, env, _ = eval_env
+    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "100", "--inception-weights", str(weights), "--no-wandb"],
+               env=env, check=True)
+    result = json.loads((gan_run / "eval/metrics.json").read_text())
+    assert result["space"].startswith("inception-v3 pool3 (2048-d)") and "inception-v3" in proc.stdout
+    assert result["floors"]["real_vs_real"]["fid"] < result["floors"]["noise"]["fid"]
