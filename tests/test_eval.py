@@ -208,3 +208,22 @@ def test_inception_space_runs_from_a_local_weights_file(eval_env, gan_run, tmp_p
     result = json.loads((gan_run / "eval/metrics.json").read_text())
     assert result["space"].startswith("inception-v3 pool3 (2048-d)") and "inception-v3" in proc.stdout
     assert result["floors"]["real_vs_real"]["fid"] < result["floors"]["noise"]["fid"]
+
+
+def test_unlabeled_data_gets_a_contrastive_domain_network(tmp_path):
+    """The Pokémon (no classes): a SimCLR-style encoder is trained; real vs real sits below
+    blurred real and noise; no legibility is claimed without labels."""
+    from helpers import POKEMON_ZIP
+    if not POKEMON_ZIP.is_file():
+        pytest.skip(f"{POKEMON_ZIP} not found")
+    run(["-m", "data_prep", "folder", str(POKEMON_ZIP), "--out", str(tmp_path / "poke"), "--size", "32"], check=True)
+    code = ("import json, sys; from gen.metrics import Evaluator; "
+            "ev = Evaluator(sys.argv[1], n=400, space='domain', progress=False); "
+            "print(json.dumps({'info': ev.domain_info, 'floors': ev.floors, 'space': ev.space}))")
+    proc = run(["-c", code, str(tmp_path / "poke")], env={"DEEPGEN_CACHE": str(tmp_path / "cache"),
+                                                           "DEEPGEN_DOMAIN_STEPS": "150"}, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["info"]["kind"] == "contrastive" and out["space"].startswith("domain contrastive")
+    floors = out["floors"]
+    assert floors["real_vs_real"]["fid"] < 0.5 * floors["blurred_real"]["fid"] < floors["noise"]["fid"], floors
+    assert "legibility" not in floors["real_vs_real"]
