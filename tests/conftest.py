@@ -4,7 +4,7 @@ from them by the real CLI. Helpers live in helpers.py."""
 import numpy as np
 import pytest
 
-from helpers import make_idx_dir, run
+from helpers import make_mnist_shards
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +18,6 @@ def digits():
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory, digits):
     """240 real train digits in 5 shards of 48 (+ 60 test): enough shards for 2 ranks x 2 workers."""
-    root = tmp_path_factory.mktemp("mnist")
-    make_idx_dir(root / "idx", digits, 240, 60)
-    run(["-m", "data_prep", "mnist", "--source", str(root / "idx"), "--out", str(root / "shards"),
-         "--shard-size", "48"], check=True)
-    return root / "shards"
+    return make_mnist_shards(tmp_path_factory.mktemp("mnist"), digits, 240, 60, shard_size=48)
 
 

@@ -55,6 +55,14 @@ def make_idx_dir(root, digits, n_train, n_test, gz=True, offset=0):
     return Path(root)
 
 
+def make_mnist_shards(root, digits, n_train, n_test, shard_size):
+    """Real digits -> IDX files -> shards, by the real CLI; returns the shard folder."""
+    make_idx_dir(Path(root) / "idx", digits, n_train, n_test)
+    run(["-m", "data_prep", "mnist", "--source", str(Path(root) / "idx"), "--out", str(Path(root) / "shards"),
+         "--shard-size", str(shard_size)], check=True)
+    return Path(root) / "shards"
+
+
 TINY = ["--model.width", "8", "--train.batch_size", "16", "--log.num_samples", "16"]
 
 

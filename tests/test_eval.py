@@ -5,13 +5,12 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_idx_dir, run, train_cmd
+from helpers import make_mnist_shards, run, train_cmd
 
 # a short domain classifier keeps CI fast; the README default trains 600 steps
 DOMAIN_STEPS = "250"
@@ -21,11 +20,8 @@ DOMAIN_STEPS = "250"
 def eval_env(tmp_path_factory, digits):
     """2,000 real train digits + 500 test as shards, and a cache folder for the domain network."""
     root = tmp_path_factory.mktemp("eval")
-    make_idx_dir(root / "idx", digits, 2000, 500)
-    run(["-m", "data_prep", "mnist", "--source", str(root / "idx"), "--out", str(root / "shards"),
-         "--shard-size", "500"], check=True)
-    env = {"DEEPGEN_CACHE": str(root / "cache"), "DEEPGEN_DOMAIN_STEPS": DOMAIN_STEPS}
-    return root / "shards", env, root
+    shards = make_mnist_shards(root, digits, 2000, 500, shard_size=500)
+    return shards, {"DEEPGEN_CACHE": str(root / "cache"), "DEEPGEN_DOMAIN_STEPS": DOMAIN_STEPS}, root
 
 
 @pytest.fixture(scope="module")
