@@ -150,3 +150,13 @@ def export_weights(path, dest):
     shared = {k: meta[k] for k in ("config", "shape", "num_classes", "class_names", "step", "deepgen_version") if k in meta}
     (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(dict(shared, sampling_weights=name), indent=1))
     return name, meta
+
+
+def run_dir_of(path):
+    """The run dir of a run dir or checkpoint folder; an export folder is its own."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path  # an export folder

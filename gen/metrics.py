@@ -1,6 +1,6 @@
 """Quality of generated images, measured beside the floors of the same feature space and count.
 
-    results = evaluate(sampler, "data/mnist", n=10000, space="domain")
+    results, evaluator, sampler = evaluate_run("runs/mnist-gan", n=10000, space="domain")
 
 FID and KID come from torchmetrics (its Fréchet distance and polynomial-kernel MMD, fed our
 features through an identity 'feature network'), precision / recall / density / coverage from
@@ -157,3 +157,27 @@ class Evaluator:
         if self.labeled:
             out.update(self.label_scores(images))
         return out
+
+
+def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weights=None, truncation=None,
+                 device="cpu"):
+    """Score a run and write RUN/eval/metrics.json; returns (results, evaluator, sampler)."""
+    from .checkpoint import run_dir_of
+    from .sample import load_generator
+    from .shard_format import atomic_write_json
+    g = load_generator(run, device=device)
+    data = data or g.config.data.path
+    if space == "auto":
+        space = "inception" if feats.find_inception_weights(inception_weights) else "domain"
+    t0 = time.perf_counter()
+    ev = Evaluator(data, n=n, space=space, seed=seed, inception_weights=inception_weights, device=device)
+    t1 = time.perf_counter()
+    model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
+    results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,
+               "seed": seed, "truncation": truncation, "model": model, "floors": ev.floors,
+               "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
+                                                         "sample_and_score": round(time.perf_counter() - t1, 1)}}
+    out = run_dir_of(run) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", results)
+    return results, ev, g

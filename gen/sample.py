@@ -1,10 +1,12 @@
-"""Sample grids, interpolations and reconstructions; models rebuilt from a checkpoint alone.
+"""Sample grids, interpolations (PNG and GIF), npz files, reconstructions and latent figures;
+models rebuilt from a checkpoint or export alone.
 
     python -m jobs.sample runs/mnist-gan --out samples.png --n 64
 """
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
@@ -92,3 +94,95 @@ def load_generator(path, device="cpu"):
     from .checkpoint import load_sampling_module
     family, module, cfg, meta = load_sampling_module(path, device)
     return Sampler(family, module, cfg, meta, device)
+
+
+# ----------------------------------------------------------------------------- figures a user looks at
+
+def write_npz(g, path, n, seed, truncation, batch=1000):
+    """uint8 NHWC `arr_0`, the convention of the common GAN evaluation tools."""
+    from tqdm import tqdm
+
+    out = np.empty((n, g.shape[1], g.shape[2], g.shape[0]), dtype=np.uint8)
+    z = g.latents(n, seed, truncation)
+    for i in tqdm(range(0, n, batch), desc="npz", unit="batch"):
+        images = g.generate(z[i:i + batch], g.default_labels(n)[i:i + batch])
+        out[i:i + batch] = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=out)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_gif(frames, path, ms=120):
+    """frames: list of grids in [0, 1] (C, H, W); played forward then back."""
+    from PIL import Image
+
+    images = [Image.fromarray(f.mul(255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()) for f in frames]
+    images = images + images[-2:0:-1]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=ms, loop=0)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def interpolations(g, out, steps, seed, truncation):
+
+    rows = 8
+    a, b = g.latents(rows, seed + 1, truncation), g.latents(rows, seed + 2, truncation)
+    ts = torch.linspace(0, 1, steps)
+    images = g.generate(torch.cat([slerp(a, b, t) for t in ts]), g.default_labels(rows).repeat(steps))
+    images = images.view(steps, rows, *images.shape[1:])
+    save_grid(images.transpose(0, 1).flatten(0, 1), out / "interpolations.png", nrow=steps)  # one path per row
+    write_gif([make_grid((images[i] + 1) / 2, nrow=rows, padding=2, pad_value=1.0) for i in range(steps)],
+              out / "interpolations.gif")
+
+
+def vae_figures(g, out, data_path):
+    """Reconstructions; with a 2-D latent the manifold and the latent scatter."""
+    from .data import make_loader
+    from .shard_format import read_manifest
+    written = []
+    manifest = read_manifest(data_path)
+    split = "test" if "test" in manifest["splits"] else "train"
+    loader, _, _ = make_loader(data_path, batch_size=500, workers=0, epochs=1, split=split, shuffle_buffer=0)
+    batch = next(iter(loader))
+    x, y = batch["image"], batch["label"]
+    recon = g.reconstruct(x[:32], y[:32])
+    save_grid(torch.stack([x[:32], recon], dim=1).flatten(0, 1), out / "reconstructions.png", nrow=8)
+    written.append("reconstructions.png")
+    if g.latent_dim == 2:
+        from statistics import NormalDist
+        k = 20
+        q = torch.tensor([NormalDist().inv_cdf((i + 0.5) / k) for i in range(k)])
+        zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)
+        save_grid(g.generate(zz), out / "manifold.png", nrow=k)
+        mean = g.encode(x, y).numpy()
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+        points = ax.scatter(mean[:, 0], mean[:, 1], c=y.numpy(), cmap="tab10", s=6)
+        names = g.class_names or [str(i) for i in range(int(y.max()) + 1)]
+        ax.legend(points.legend_elements()[0], names, fontsize=7, loc="best", markerscale=0.8)
+        ax.set(xlabel="z[0]", ylabel="z[1]", title=f"latent means of {len(y)} {split} images")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        atomic_write_bytes(out / "latent_scatter.png", buf.getvalue())
+        written += ["manifold.png", "latent_scatter.png"]
+    return written
+
+
+def write_figures(g, out, seed=0, n=64, steps=10, truncation=None):
+    """Every picture jobs.sample writes, for a Sampler; returns the file names."""
+    out = Path(out)
+    save_grid(g.sample(min(n, 256), seed=seed, truncation=truncation), out / "samples.png")
+    interpolations(g, out, steps, seed, truncation)
+    written = ["samples.png", "interpolations.png", "interpolations.gif"]
+    if g.num_classes and g.config.model.conditional:
+        per = 10
+        labels = torch.arange(g.num_classes).repeat_interleave(per)
+        save_grid(g.generate(g.latents(len(labels), seed + 3, truncation), labels), out / "classes.png", nrow=per)
+        written.append("classes.png")
+    if g.is_vae and Path(g.config.data.path, "manifest.json").is_file():
+        written += vae_figures(g, out, g.config.data.path)
+    return written

@@ -12,7 +12,6 @@ RUN/eval/metrics.json, the console and, when the run logs to W&B, its summary an
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 ROWS = [("fid", "FID", "{:.3f}"), ("kid_mean", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"),
@@ -39,60 +38,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def run_dir_of(path):
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path  # an export folder
-
-
-def log_to_wandb(run_dir, meta, results):
-    """Summary values and a table in the run's own W&B run (same id), when it has one."""
-    from gen import tracking
-    run_id = meta.get("wandb_run_id")
-    cfg = meta["config"]
-    mode = tracking.wandb_mode(cfg["log"]["wandb"]) if run_id else None
-    if not mode:
-        return None
-    import wandb
-    run = wandb.init(id=run_id, resume="allow", project=cfg["log"]["project"], dir=str(Path(run_dir).resolve()),
-                     mode=mode, settings=wandb.Settings(silent=True))
-    run.summary.update({f"eval/{k}": v for k, v in results["model"].items() if isinstance(v, float)})
-    columns = ["set"] + [k for k, _, _ in ROWS if k in results["model"]]
-    rows = [["this run"] + [results["model"].get(k) for k in columns[1:]]]
-    rows += [[name] + [s.get(k) for k in columns[1:]] for name, s in results["floors"].items()]
-    run.log({"eval/table": wandb.Table(columns=columns, data=rows)})
-    run.finish()
-    return mode
-
-
-def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weights=None, truncation=None,
-                 device="cpu"):
-    """Score a run and write RUN/eval/metrics.json; returns (results, evaluator, sampler)."""
-    from gen.features import find_inception_weights
-    from gen.metrics import Evaluator
-    from gen.sample import load_generator
-    from gen.shard_format import atomic_write_json
-    g = load_generator(run, device=device)
-    data = data or g.config.data.path
-    if space == "auto":
-        space = "inception" if find_inception_weights(inception_weights) else "domain"
-    t0 = time.perf_counter()
-    ev = Evaluator(data, n=n, space=space, seed=seed, inception_weights=inception_weights, device=device)
-    t1 = time.perf_counter()
-    model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
-    results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,
-               "seed": seed, "truncation": truncation, "model": model, "floors": ev.floors,
-               "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
-                                                         "sample_and_score": round(time.perf_counter() - t1, 1)}}
-    out = run_dir_of(run) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", results)
-    return results, ev, g
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +52,9 @@ def main(argv=None):
     p.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from gen.checkpoint import CheckpointError
+    from gen.checkpoint import CheckpointError, run_dir_of
+    from gen.metrics import evaluate_run
+    from gen.tracking import log_eval_to_run
     from gen.shard_format import DataError
     try:
         results, ev, g = evaluate_run(args.run, args.data, args.n, args.space, args.seed, args.inception_weights,
@@ -124,7 +71,7 @@ def main(argv=None):
         hist = ", ".join(f"{n}:{v:.3f}" for n, v in zip(names, model["class_hist"]))
         print(f"predicted classes of the samples: {hist}")
     print(f"-> {out / 'metrics.json'}")
-    if not args.no_wandb and log_to_wandb(run_dir_of(args.run), g.meta, results):
+    if not args.no_wandb and log_eval_to_run(run_dir_of(args.run), g.meta, results, ROWS):
         print("logged to the run's W&B run (summary eval/*, table eval/table)")
     return 0
 

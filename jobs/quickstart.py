@@ -57,7 +57,7 @@ def main(argv=None):
     wandb_runs = sorted(Path(run_dir).glob("wandb/offline-run-*"))
     print(f"\nreal digits:      {args.data}/preview.png")
     print(f"training samples: {run_dir}/samples/ (one grid every 500 steps, EMA weights)")
-    print(f"final samples:    {run_dir}/final/samples.png, interpolations.png")
+    print(f"final samples:    {run_dir}/final/samples.png, interpolations.png, interpolations.gif")
     print(f"metrics:          {run_dir}/metrics.jsonl")
     if wandb_runs:
         print(f"W&B offline run:  {wandb_runs[-1]}  (upload: wandb sync {wandb_runs[-1]})")
