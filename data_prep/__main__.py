@@ -1,5 +1,6 @@
 """python -m data_prep {mnist,fashion-mnist,pokemon,folder,verify,preview} ... (see --help)."""
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -122,6 +123,12 @@ def main(argv=None):
     except DataError as e:  # PrepError, and the shard format's own errors
         print(f"error: {e}", file=sys.stderr)
         return e.code
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: disk full writing {e.filename or args.out}: free space and run the same command again "
+              "(finished shards are kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130

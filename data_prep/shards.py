@@ -4,6 +4,7 @@ Layout of an output folder: `{split}-{i:06d}.tar` (samples `png`, `cls`, `json`)
 `manifest.json`. Every file is written under a temporary name and renamed, so a kill leaves
 either the previous file or the new one. `.progress.json` records finished shards, so a re-run
 keeps every complete shard whose sha256 still matches and writes only the rest."""
+import errno
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import struct
 import tarfile
 import zipfile
@@ -116,9 +118,16 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
                 progress[record["name"]] = record
                 atomic_write_json(progress_path, {"dataset": source.dataset, "prep_args": prep_args, "shards": progress}, indent=None)
                 bar.update(record["count"] + len(record["skipped"]))
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise PrepError(_disk_full(out, progress, total, bar.n)) from None
         finally:
             if pool is not None:
                 pool.terminate()
+                pool.join()  # workers gone before their partial files are swept below
+            for partial in out.glob(".*.partial"):
+                partial.unlink(missing_ok=True)
 
     splits_meta, image_size, skipped = {}, source.size, [{"name": n, "reason": why} for n, why in source.skipped]
     for split in source.splits:
@@ -153,12 +162,34 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
     return manifest
 
 
+def _disk_full(out, progress, total, done):
+    """One line for a full disk: where, how much is free and about how much is still needed."""
+    written = [(out / r["name"]).stat().st_size for r in progress.values() if (out / r["name"]).is_file()]
+    counted = sum(r["count"] for r in progress.values())
+    per_sample = sum(written) / counted if counted else None
+    free = shutil.disk_usage(out).free / 2**20
+    need = f"about {per_sample * max(total - done, 1) / 2**20:.1f} MiB more" if per_sample else "more space"
+    return (f"disk full writing shards to {out} ({free:.1f} MiB free, {need}); the {len(written)} finished shard(s) "
+            "are kept and no partial file is left: free space and run the same command again")
+
+
 def write_one_shard(job):
     """Encode one shard's items and write the tar under a temp name, then rename. Returns its record."""
     path, chunk, first_index, class_names, (size, crop, grayscale) = job
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     record = {"name": path.name, "count": 0, "per_class": {}, "skipped": [], "image_size": None}
+    try:
+        sink = _write_tar(tmp, chunk, first_index, class_names, size, crop, grayscale, record)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill of the pool: no partial file left behind
+        raise
+    os.replace(tmp, path)
+    record["sha256"] = sink.sha256.hexdigest()
+    return record
+
+
+def _write_tar(tmp, chunk, first_index, class_names, size, crop, grayscale, record):
     with open(tmp, "wb") as raw:
         sink = UstarWriter(raw)  # fixed mtime and owner: a re-run gives byte-identical shards
         for offset, item in enumerate(chunk):
@@ -179,9 +210,7 @@ def write_one_shard(job):
         sink.close()
         raw.flush()
         os.fsync(raw.fileno())
-    os.replace(tmp, path)
-    record["sha256"] = sink.sha256.hexdigest()
-    return record
+    return sink
 
 
 class UstarWriter:

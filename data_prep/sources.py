@@ -157,6 +157,25 @@ def list_images(path):
     return [(("file", str(p)), p.relative_to(path).as_posix()) for p in files]
 
 
+def unreadable_links(path):
+    """(name, reason) for symlinks under a folder that lead nowhere (a loop or a missing target):
+    listed as skipped rather than dropped without a word."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = []
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            try:
+                p.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop this way
+                found.append((p.relative_to(path).as_posix(), "symlink loop"))
+            except OSError as e:
+                loop = getattr(e, "errno", None) == 40  # ELOOP
+                found.append((p.relative_to(path).as_posix(), "symlink loop" if loop else "broken symlink"))
+    return found
+
+
 def read_member_text(ref_root, name):
     """Text of a non-image file (e.g. pokemon.csv) in a folder or zip."""
     if Path(ref_root).is_file():
@@ -187,7 +206,7 @@ def open_folder(path, dataset="folder"):
     class_names = sorted({p[depth] for p in parts}) if labeled else None
     items = [Item(ref, name, class_names.index(p[depth]) if labeled else None)
              for (ref, name), p in zip(listed, parts)]
-    return Source(dataset, {"train": items}, class_names, channels=3, size=None)
+    return Source(dataset, {"train": items}, class_names, channels=3, size=None, skipped=unreadable_links(path))
 
 
 def open_pokemon(path):

@@ -54,15 +54,16 @@ def read_meta(path):
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def check_compatible(meta, config_dict, shape):
-    """One-line error when the checkpoint's model or data shape differs from this run's."""
+def check_compatible(meta, config_dict, shape, path):
+    """One-line error when the checkpoint's model or data shape differs from this run's. `path`
+    is where it was read from (meta's own path is where it was written: the folder may have moved)."""
     saved_model, model = meta["config"]["model"], config_dict["model"]
     diffs = [f"model.{k}={saved_model.get(k)!r} (this run: {v!r})" for k, v in model.items()
              if k in saved_model and _norm(saved_model.get(k)) != _norm(v)]
     if list(meta.get("shape", shape)) != list(shape):
         diffs.append(f"image shape {meta['shape']} (this run: {list(shape)})")
     if diffs:
-        raise CheckpointError(f"checkpoint {meta['path']} is incompatible with this config: {'; '.join(diffs[:3])}. "
+        raise CheckpointError(f"checkpoint {path} is incompatible with this config: {'; '.join(diffs[:3])}. "
                               "Use a new --train.run_dir or the checkpoint's settings")
 
 
@@ -72,33 +73,66 @@ def _norm(v):
 
 def save(accelerator, run_dir, step, meta, keep_last, sampling_module):
     """Every rank calls this (save_state writes per-rank RNG states). `sampling_module` (the EMA
-    copy or the plain target module) goes to sampling.safetensors. Returns the final path."""
+    copy or the plain target module) goes to sampling.safetensors. Returns the final path.
+
+    The new checkpoint is complete and renamed before any old one is pruned, so a kill at any
+    moment leaves at least the newest complete checkpoint (disk use peaks at keep_last + 1).
+    A failed write (disk full) removes the partial folder and raises one CheckpointError on
+    every rank, naming the path and the space needed."""
+    from accelerate.utils import gather_object
     root = Path(run_dir) / "checkpoints"
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        # prune before writing, so keep_last bounds the disk used at every moment
-        for _, old in checkpoints(run_dir)[max(keep_last - 1, 0):]:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            write_weights(sampling_module, tmp / SAMPLING_WEIGHTS)
+            meta = dict(meta, deepgen_version=__version__, step=step, path=str(final), sampling_weights=SAMPLING_WEIGHTS)
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+    except Exception as e:  # a full disk: OSError, torch's RuntimeError ("file write failed"), SafetensorError
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    errors = [m for m in gather_object([error]) if m] if accelerator.num_processes > 1 else [m for m in [error] if m]
+    if errors:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(write_failure(root, tmp, errors[0]))
     if accelerator.is_main_process:
-        write_weights(sampling_module, tmp / SAMPLING_WEIGHTS)
-        meta = dict(meta, deepgen_version=__version__, step=step, path=str(final), sampling_weights=SAMPLING_WEIGHTS)
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        for _, old in checkpoints(run_dir)[max(keep_last, 1):]:  # the newest (this one) is never pruned
+            shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-checkpoint-*"):  # torn by an earlier kill
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def folder_bytes(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_failure(root, tmp, error):
+    """One line for a checkpoint that could not be written: disk full (with the space needed,
+    judged from the previous checkpoint) or another write error."""
+    free = shutil.disk_usage(root).free
+    previous = checkpoints(root.parent)
+    needed = folder_bytes(previous[0][1]) if previous else None
+    full = "No space" in error or "write failed" in error or (needed is not None and free < needed)
+    keep = f"previous checkpoint {previous[0][1]} is intact" if previous else "no earlier checkpoint"
+    if full:
+        need = f"about {needed / 2**20:.1f} MiB" if needed else "more space"
+        return (f"disk full: cannot write checkpoint {tmp.name[5:]} in {root} ({free / 2**20:.1f} MiB free, it needs "
+                f"{need}); {keep}, the partial one was removed. Free space or move --train.run_dir, then resume")
+    return f"cannot write checkpoint {tmp.name[5:]} in {root}: {error}; {keep}, the partial one was removed"
 
 
 def write_weights(module, path):

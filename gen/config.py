@@ -69,6 +69,7 @@ class TrainConfig:
     # auto: newest valid checkpoint in run_dir; none; or a path
     resume: Annotated[str, tyro.conf.arg(aliases=("--resume",))] = "auto"
     cpu: bool = False               # force CPU even where a GPU exists
+    force_unlock: bool = False      # take the run dir's lock even if another run seems to hold it
 
 
 @dataclass
@@ -141,6 +142,46 @@ def parse(args=None, prog="python -m jobs.train"):
         default = dataclasses.replace(default, data=dataclasses.replace(default.data, path=known.data_path))
     description = f"Train a GAN or VAE (preset {known.preset}; presets: {', '.join(PRESETS)}). --data PATH sets data.path."
     return tyro.cli(Config, args=rest, default=default, prog=prog, description=description)
+
+
+class ConfigError(ValueError):
+    """Impossible config values; str() is one line per value."""
+
+
+def validate(cfg):
+    """Every impossible value, one line each, as one ConfigError (before anything is created)."""
+    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
+    rules = [
+        (t.steps >= 1, f"--train.steps {t.steps}: must be at least 1"),
+        (t.batch_size >= 1, f"--train.batch_size {t.batch_size}: must be at least 1"),
+        (t.grad_accum >= 1, f"--train.grad_accum {t.grad_accum}: must be at least 1"),
+        (t.keep_last >= 1, f"--train.keep_last {t.keep_last}: must be at least 1 (the newest checkpoint is always kept)"),
+        (d.workers >= 0, f"--data.workers {d.workers}: must be 0 or more"),
+        (d.shuffle_buffer >= 0, f"--data.shuffle_buffer {d.shuffle_buffer}: must be 0 or more"),
+        (d.cache_mb >= 0, f"--data.cache_mb {d.cache_mb}: must be 0 or more"),
+        (m.latent_dim >= 1, f"--model.latent_dim {m.latent_dim}: must be at least 1"),
+        (m.width >= 4, f"--model.width {m.width}: must be at least 4"),
+        (0 <= m.ema_decay < 1, f"--model.ema_decay {m.ema_decay}: must be in [0, 1)"),
+        (m.r1_gamma >= 0, f"--model.r1_gamma {m.r1_gamma}: must be 0 or more"),
+        (m.r1_every >= 1, f"--model.r1_every {m.r1_every}: must be at least 1"),
+        (m.beta >= 0, f"--model.beta {m.beta}: must be 0 or more"),
+        (m.kl_warmup_steps >= 0, f"--model.kl_warmup_steps {m.kl_warmup_steps}: must be 0 or more"),
+        (o.lr > 0, f"--optim.lr {o.lr}: must be positive"),
+        (o.lr_d > 0, f"--optim.lr_d {o.lr_d}: must be positive"),
+        (all(0 <= b < 1 for b in o.betas), f"--optim.betas {tuple(o.betas)}: each must be in [0, 1)"),
+        (o.weight_decay >= 0, f"--optim.weight_decay {o.weight_decay}: must be 0 or more"),
+        (o.grad_clip >= 0, f"--optim.grad_clip {o.grad_clip}: must be 0 (off) or more"),
+        (o.warmup_steps >= 0, f"--optim.warmup_steps {o.warmup_steps}: must be 0 or more"),
+        (e.every >= 0, f"--eval.every {e.every}: must be 0 (off) or more"),
+        (e.n >= 2, f"--eval.n {e.n}: must be at least 2"),
+        (cfg.log.num_samples >= 1, f"--log.num_samples {cfg.log.num_samples}: must be at least 1"),
+    ]
+    for name in ("log_every", "sample_every", "ckpt_every", "check_every"):
+        value = getattr(t, name)
+        rules.append((value >= 1, f"--train.{name} {value}: must be at least 1"))
+    problems = [message for ok, message in rules if not ok]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def to_dict(cfg):

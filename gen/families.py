@@ -6,6 +6,7 @@
     family.optimizers   {name: Optimizer}  one per module; `base_lr[name]` feeds the LR schedule
     family.ema_target   name of the module whose EMA is kept (G, or the whole VAE)
     family.phases(step) -> [Phase]: what one optimizer step does, in order (GAN: D, then G)
+    family.diverging(means) -> 0-d bool tensor or None: losses that blew up without being NaN
     family.generate(module, z, labels) -> images in [-1, 1]
 
 A Phase names the module it trains (and so its optimizer) and gives the loss of one
@@ -68,6 +69,12 @@ class GANFamily:
 
     def phases(self, step):
         return [Phase("D", self._d_phase), Phase("G", self._g_phase, frozen=("D",))]
+
+    divergence_text = "D separates real from fake outright (D(real) - D(fake) > 20) and G's loss exceeds 100"
+
+    def diverging(self, means):
+        """On the device (no sync): D pinned at 100 % accuracy with G's loss exploding."""
+        return (means["loss_g"] > 100) & (means["d_real"] - means["d_fake"] > 20)
 
     def _aug(self, x):
         return diff_augment(x, self.cfg.diffaug)  # the same policy for real and fake
@@ -134,6 +141,9 @@ class VAEFamily:
 
     def phases(self, step):
         return [Phase("vae", self._elbo_phase)]
+
+    def diverging(self, means):
+        return None  # a VAE's NLL has no natural scale (it grows with the image size); NaN is caught
 
     def _elbo_phase(self, batch, step, accelerator):
         vae = self.modules["vae"]

@@ -29,11 +29,13 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
 from . import checkpoint, tracking
-from .config import to_dict
+from .config import to_dict, validate
 from .data import make_loader, read_manifest
 from .ema import EMA
 from .families import build_family
+from .runlock import RunDirLocked, RunLock
 from .sample import save_grid
+from .shard_format import atomic_write_bytes
 
 log = logging.getLogger("gen.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -41,6 +43,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 class NonFiniteLoss(Exception):
     """A loss became NaN or inf; nothing was saved after the last good checkpoint."""
+
+
+class TrainingDiverged(Exception):
+    """The losses blew up without becoming NaN (a GAN whose D wins outright) for DIVERGED_CHECKS checks."""
+
+
+DIVERGED_CHECKS = 3
 
 
 @dataclass
@@ -95,14 +104,16 @@ def lr_factor(step, cfg):
     return warm
 
 
-def agree(accelerator, stop, first_bad_step):
-    """(stop, first non-finite step or 0), OR-ed / max-ed over all ranks with one collective, so
-    every rank stops or fails at the same step. The only host sync of a step."""
-    flags = torch.stack([torch.tensor(float(stop), device=first_bad_step.device), first_bad_step.float()])
+def agree(accelerator, stop, first_bad_step, diverging):
+    """(stop, first non-finite step or 0, diverging), OR-ed / max-ed over all ranks with one
+    collective, so every rank stops or fails at the same step. The only host sync of a check."""
+    device = first_bad_step.device
+    flags = torch.stack([torch.tensor(float(stop), device=device), first_bad_step.float(),
+                         diverging.float().to(device) if diverging is not None else torch.zeros((), device=device)])
     if accelerator.num_processes > 1:
         flags = accelerator.gather(flags[None].to(accelerator.device)).amax(dim=0)
-    stop_now, bad_step = flags.tolist()
-    return bool(stop_now), int(bad_step)
+    stop_now, bad_step, diverged = flags.tolist()
+    return bool(stop_now), int(bad_step), bool(diverged)
 
 
 @contextmanager
@@ -155,6 +166,17 @@ def data_position_for_rank(saved, accelerator):
             "batches": 0, "num_workers": workers}
 
 
+def truncate_jsonl(path, last_step):
+    """Drop records past `last_step` (written after the checkpoint a run resumes from), so a
+    resumed run's metrics.jsonl holds each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
 def write_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -164,6 +186,7 @@ def train(cfg, keep_process_group=False):
     # Setup: one Accelerator for devices, DDP, accumulation and mixed precision.
     # (DDP warns once per process that a 1x1 conv's grad layout differs from its bucket: harmless)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    validate(cfg)  # impossible values fail here, before any folder is created
     tc = cfg.train
     config_dict = to_dict(cfg)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
@@ -171,19 +194,40 @@ def train(cfg, keep_process_group=False):
                               cpu=tc.cpu or not torch.cuda.is_available(), log_with=None if cfg.log.wandb == "off" else "wandb",
                               **({"dynamo_backend": "inductor"} if tc.compile else {}))
     set_seed(tc.seed, device_specific=True)  # each rank its own noise; DDP makes the weights equal
-    run_dir = Path(tc.run_dir)
-    if accelerator.is_main_process:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=1))
-    accelerator.wait_for_everyone()
 
-    # Data shape and classes from the shards' manifest.
+    # Data shape and classes from the shards' manifest; the family checks the image size.
     manifest = read_manifest(cfg.data.path)
     shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
     num_classes = len(manifest.get("class_names") or [])
+    family = build_family(cfg.model, cfg.optim, shape, num_classes)
+
+    # Run dir: owned by this run alone (a lock with a heartbeat), taken by the main process.
+    run_dir = Path(tc.run_dir)
+    lock, refused = None, [None]
+    if accelerator.is_main_process:
+        lock = RunLock(run_dir)
+        try:
+            why = lock.acquire(force=tc.force_unlock)
+            if why:
+                log.warning("took over the run dir lock of an earlier run (%s)", why)
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / "config.json", json.dumps(config_dict, indent=1).encode())
+        except RunDirLocked as e:
+            refused = [str(e)]
+    broadcast_object_list(refused)
+    if refused[0]:
+        raise RunDirLocked(refused[0])
+    try:
+        return _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, run_dir, keep_process_group)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, run_dir, keep_process_group):
+    tc = cfg.train
 
     # Model family: modules and optimizers, prepared together.
-    family = build_family(cfg.model, cfg.optim, shape, num_classes)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     for m in family.modules.values():
         m.to(memory_format=memory_format)
@@ -206,10 +250,11 @@ def train(cfg, keep_process_group=False):
     last_ckpt = resume[0]
     if last_ckpt:
         meta = checkpoint.read_meta(last_ckpt)
-        checkpoint.check_compatible(meta, config_dict, shape)
+        checkpoint.check_compatible(meta, config_dict, shape, last_ckpt)
         accelerator.load_state(last_ckpt)
         if accelerator.is_main_process:
             log.info("resumed from %s at step %d", last_ckpt, state.step)
+            truncate_jsonl(run_dir / "metrics.jsonl", state.step)
 
     # Data: this rank's share of the shards, continuing exactly where the checkpoint left off.
     loader, _, position = make_loader(
@@ -286,6 +331,7 @@ def train(cfg, keep_process_group=False):
                unit="step", mininterval=1.0)
     data_iter = iter(loader)
     window_t, window_steps, sums = time.perf_counter(), 0, {}
+    check_sums, check_steps, diverged_checks = {}, 0, 0  # losses since the last check, for divergence
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: all finite so far
     stopped_by = None
     try:
@@ -305,13 +351,25 @@ def train(cfg, keep_process_group=False):
                 first_bad_step = torch.where(finite | (first_bad_step > 0), first_bad_step, step)
                 for k, v in losses.items():
                     sums[k] = sums[k] + v if k in sums else v
+                    check_sums[k] = check_sums[k] + v if k in check_sums else v
                 window_steps += 1
+                check_steps += 1
                 bar.update(1)
 
                 save_now = step % tc.ckpt_every == 0 or step == tc.steps
                 stop_now = False
                 if save_now or step % tc.check_every == 0:
-                    stop_now, bad_step = agree(accelerator, stop.signum is not None, first_bad_step)
+                    check_means = {k: v / check_steps for k, v in check_sums.items()}
+                    stop_now, bad_step, diverging = agree(accelerator, stop.signum is not None, first_bad_step,
+                                                          family.diverging(check_means))
+                    diverged_checks = diverged_checks + 1 if diverging else 0
+                    check_sums, check_steps = {}, 0
+                    if diverged_checks >= DIVERGED_CHECKS:
+                        values = ", ".join(f"{k}={float(v):.3g}" for k, v in check_means.items())
+                        raise TrainingDiverged(
+                            f"training diverged: {family.divergence_text} in {DIVERGED_CHECKS} checks in a row, up to "
+                            f"step {step} ({values}); nothing saved after it. Last good checkpoint: {last_ckpt or 'none'}. "
+                            "Try lower learning rates (--optim.lr_d, --optim.lr) or a stronger --model.r1_gamma")
                     if bad_step:
                         values = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, torch.stack(
                             [v.float() for v in losses.values()]).tolist()))

@@ -6,7 +6,9 @@
 
 Presets: seed-gan, seed-vae (the notebook models), gan, gan-small-data, vae. Any field can be
 overridden: --train.batch_size 256, --model.conditional True, --log.wandb off.
-Exit codes: 0 done (or stopped by a signal after saving), 1 a one-line error, 3 non-finite loss.
+Exit codes: 0 done (or stopped by a signal after saving), 1 a one-line error (bad data, a run dir
+in use, disk full, incompatible checkpoint), 2 impossible option values (one line each, nothing
+created), 3 non-finite or diverged losses (nothing saved after the last good checkpoint).
 """
 import logging
 import os
@@ -34,19 +36,35 @@ def end_process_group():
 
 def main(argv=None):
     configure_logging()
+    import errno
+
     from gen.checkpoint import CheckpointError
-    from gen.config import parse
+    from gen.config import ConfigError, parse, validate
     from gen.data import DataError
-    from gen.train import NonFiniteLoss, train
+    from gen.runlock import RunDirLocked
+    from gen.train import NonFiniteLoss, TrainingDiverged, train
 
     cfg = parse(argv)
     try:
+        validate(cfg)
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    try:
         result = train(cfg)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, RunDirLocked, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        end_process_group()
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: disk full while writing {e.filename or cfg.train.run_dir}; checkpoints already written are "
+              "intact: free space, then run the same command to resume", file=sys.stderr)
         end_process_group()
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -83,6 +83,8 @@ def state_files(ckpt):
             out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
         elif f.name.startswith(("optimizer", "custom_checkpoint", "random_states")):
             out[f.name] = torch.load(f, weights_only=False)
+            if isinstance(out[f.name], dict):
+                out[f.name].pop("elapsed", None)  # the loop's wall time: the one value that may differ
     return out
 
 
