@@ -13,7 +13,7 @@ import torch
 from helpers import make_mnist_shards, run, train_cmd
 
 # a short domain classifier keeps CI fast; the README default trains 600 steps
-DOMAIN_STEPS = "250"
+DOMAIN_STEPS = "150"
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,12 @@ def eval_env(tmp_path_factory, digits):
 
 @pytest.fixture(scope="module")
 def gan_run(eval_env):
-    """A small GAN with checkpoints at steps 20 and 300, evaluated during training."""
+    """A small GAN with checkpoints at steps 20 and 200, evaluated during training."""
     shards, env, root = eval_env
     run_dir = root / "gan"
-    run(train_cmd(shards, run_dir, "--train.steps", "300", "--train.batch_size", "32", "--model.width", "16",
+    run(train_cmd(shards, run_dir, "--train.steps", "200", "--train.batch_size", "32", "--model.width", "16",
                   "--train.ckpt_every", "20", "--train.keep_last", "20", "--train.log_every", "20",
-                  "--eval.every", "150", "--eval.n", "300", "--log.wandb", "offline"), env=env, check=True)
+                  "--eval.every", "100", "--eval.n", "300", "--log.wandb", "offline"), env=env, check=True)
     return run_dir
 
 
@@ -62,8 +62,8 @@ def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run, tmp_path):
     proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb"], env=env, check=True)
     first = json.loads((gan_run / "eval/metrics.json").read_text())
     assert "features: domain classifier" in proc.stdout and "real vs real" in proc.stdout
-    assert first["n"] == 500 and first["space"].startswith("domain classifier") and first["step"] == 300
-    assert first["domain_net"]["held_out_accuracy"] >= 0.9  # 250 steps here; 600 by default reach >= 0.99
+    assert first["n"] == 500 and first["space"].startswith("domain classifier") and first["step"] == 200
+    assert first["domain_net"]["held_out_accuracy"] >= 0.9  # 150 steps here; 600 by default reach >= 0.99
     floors = first["floors"]
     rr, blur, noise = (floors[k]["fid"] for k in ("real_vs_real", "blurred_real", "noise"))
     assert rr < 0.1 * blur and blur < noise, floors
@@ -91,7 +91,7 @@ def test_scores_go_to_the_runs_own_wandb_run(eval_env, gan_run):
     train_file = next(next(iter(before)).glob("run-*.wandb"))
     eval_file = next(new[0].glob("run-*.wandb"))
     assert run_id(eval_file) == run_id(train_file)
-    assert [step for step, items in history(train_file) if "eval/fid" in items] == [150, 300]
+    assert [step for step, items in history(train_file) if "eval/fid" in items] == [100, 200]
     summary_keys = {i.key for r in records(eval_file) if r.WhichOneof("record_type") == "summary"
                     for i in r.summary.update}
     logged = {k for _, items in history(eval_file) for k in items}
@@ -101,27 +101,27 @@ def test_scores_go_to_the_runs_own_wandb_run(eval_env, gan_run):
 def test_a_shorter_run_scores_worse(eval_env, gan_run):
     shards, env, _ = eval_env
     fids = {}
-    for step in (20, 300):
+    for step in (20, 200):
         ckpt = gan_run / f"checkpoints/checkpoint-{step:07d}"
         run(["-m", "jobs.evaluate", str(ckpt), "--n", "500", "--no-wandb"], env=env, check=True)
         fids[step] = json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"]
-    assert fids[300] < 0.7 * fids[20], fids
+    assert fids[200] < 0.7 * fids[20], fids
 
 
 def test_eval_during_training_leaves_the_training_stream_unchanged(eval_env, gan_run, tmp_path):
     shards, env, _ = eval_env
     rows = [json.loads(l) for l in (gan_run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/fid" in r]
-    assert [r["step"] for r in evals] == [150, 300] and all(r["eval/fid"] > 0 and r["time/elapsed_s"] > 0 for r in evals)
+    assert [r["step"] for r in evals] == [100, 200] and all(r["eval/fid"] > 0 and r["time/elapsed_s"] > 0 for r in evals)
     assert evals[1]["eval/fid"] < evals[0]["eval/fid"]
-    # the same run without --eval.every: bit-identical weights at step 300
-    run(train_cmd(shards, tmp_path / "plain", "--train.steps", "300", "--train.batch_size", "32", "--model.width", "16",
+    # the same run without --eval.every: bit-identical weights at step 200
+    run(train_cmd(shards, tmp_path / "plain", "--train.steps", "200", "--train.batch_size", "32", "--model.width", "16",
                   "--train.ckpt_every", "20", "--train.keep_last", "20", "--train.log_every", "20", "--log.wandb", "off"),
         env=env, check=True)
     from safetensors.torch import load_file
     for name in ("model.safetensors", "model_1.safetensors", "sampling.safetensors"):
-        a = load_file(gan_run / "checkpoints/checkpoint-0000300" / name)
-        b = load_file(tmp_path / "plain/checkpoints/checkpoint-0000300" / name)
+        a = load_file(gan_run / "checkpoints/checkpoint-0000200" / name)
+        b = load_file(tmp_path / "plain/checkpoints/checkpoint-0000200" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
