@@ -29,6 +29,9 @@ class ModelConfig:
     spectral_norm: bool = True      # in D
     r1_gamma: float = 0.0           # R1 penalty on reals; 0 = off
     r1_every: int = 4               # lazy R1: every N steps, scaled by N
+    # alternating: D steps, then G through the updated D (stylegan2-ada); simultaneous: one forward,
+    # both losses, both optimizers step together (the Keras notebook's two GradientTapes)
+    gan_update: Literal["alternating", "simultaneous"] = "alternating"
     diffaug: tuple[str, ...] = ()   # DiffAugment policy for D's inputs: color, translation, cutout
     ema_decay: float = 0.999        # EMA of G (or of the VAE) used for samples; 0 = off
     # vae
@@ -45,6 +48,7 @@ class OptimConfig:
     lr_d: float = 2e-4              # D
     optimizer_d: Literal["adam", "rmsprop"] = "adam"
     betas: tuple[float, float] = (0.0, 0.99)
+    eps: float = 1e-8               # Adam/RMSprop epsilon (Keras uses 1e-7)
     weight_decay: float = 0.0
     grad_clip: float = 0.0          # max grad norm; 0 = off
     warmup_steps: int = 0           # linear LR warm-up
@@ -108,13 +112,13 @@ def _preset(model=None, optim=None, train=None):
 PRESETS = {
     # timsainb/tensorflow2-generative-models 2.0-GAN-fashion-mnist, ported layer for layer
     "seed-gan": _preset(model=dict(family="gan", arch="seed", latent_dim=64, gan_loss="nonsat",
-                                   spectral_norm=False, ema_decay=0.0),
-                        optim=dict(lr=1e-3, lr_d=5e-3, optimizer_d="rmsprop", betas=(0.5, 0.999)),
+                                   spectral_norm=False, ema_decay=0.0, gan_update="simultaneous"),
+                        optim=dict(lr=1e-3, lr_d=5e-3, optimizer_d="rmsprop", betas=(0.5, 0.999), eps=1e-7),
                         train=dict(batch_size=512)),
     # the TensorFlow CVAE tutorial: latent 2, Bernoulli likelihood, single-sample MC ELBO
     "seed-vae": _preset(model=dict(family="vae", arch="seed", latent_dim=2, likelihood="bernoulli",
                                    binarize=True, kl="mc", kl_warmup_steps=0, ema_decay=0.0),
-                        optim=dict(lr=1e-4, betas=(0.9, 0.999)),
+                        optim=dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-7),
                         train=dict(batch_size=32)),
     # stabilised GAN: spectral norm, hinge loss, R1, EMA of G, TTUR-style separate LRs
     "gan": _preset(model=dict(family="gan", arch="deep", latent_dim=128, gan_loss="hinge",
@@ -168,6 +172,7 @@ def validate(cfg):
         (m.kl_warmup_steps >= 0, f"--model.kl_warmup_steps {m.kl_warmup_steps}: must be 0 or more"),
         (o.lr > 0, f"--optim.lr {o.lr}: must be positive"),
         (o.lr_d > 0, f"--optim.lr_d {o.lr_d}: must be positive"),
+        (o.eps > 0, f"--optim.eps {o.eps}: must be positive"),
         (all(0 <= b < 1 for b in o.betas), f"--optim.betas {tuple(o.betas)}: each must be in [0, 1)"),
         (o.weight_decay >= 0, f"--optim.weight_decay {o.weight_decay}: must be 0 or more"),
         (o.grad_clip >= 0, f"--optim.grad_clip {o.grad_clip}: must be 0 (off) or more"),

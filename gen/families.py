@@ -10,7 +10,8 @@
     family.generate(module, z, labels) -> images in [-1, 1]
 
 A Phase names the module it trains (and so its optimizer) and gives the loss of one
-micro-batch. The loop runs each phase over all grad_accum micro-batches, then steps that
+micro-batch; a phase that names several modules ("simultaneous") returns one loss per module,
+each backpropagated into its own module's weights only, and all of them step together. The loop runs each phase over all grad_accum micro-batches, then steps that
 phase's optimizer, as stylegan2-ada does: D sees every micro-batch before it steps, then G's
 micro-batches all go through the same, updated D. So k micro-batches of b give the gradients
 of one batch of k*b. Families never call backward, step or zero_grad themselves.
@@ -28,13 +29,17 @@ from .augment import check_policy, diff_augment
 
 @dataclass
 class Phase:
-    name: str                   # the module this phase trains, and its optimizer
-    loss: Callable              # (micro_batch, step, accelerator) -> (loss, {metric: 0-d tensor})
+    name: str | tuple           # the module(s) this phase trains, and their optimizers
+    loss: Callable              # (micro_batch, step, accelerator) -> (loss or {name: loss}, {metric: 0-d tensor})
     frozen: tuple = ()          # modules that need no weight gradients here (G's phase: D)
+
+    @property
+    def names(self):
+        return self.name if isinstance(self.name, tuple) else (self.name,)
 
 
 def _adam(params, lr, cfg):
-    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 class GANFamily:
@@ -51,7 +56,9 @@ class GANFamily:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
             D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
         if optim_cfg.optimizer_d == "rmsprop":
-            opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, weight_decay=optim_cfg.weight_decay)
+            # Keras' RMSprop: rho 0.9 (torch's default alpha is 0.99)
+            opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, alpha=0.9, eps=optim_cfg.eps,
+                                        weight_decay=optim_cfg.weight_decay)
         else:
             opt_d = _adam(D.parameters(), optim_cfg.lr_d, optim_cfg)
         self.modules, self.plain = {"G": G, "D": D}, {"G": G, "D": D}
@@ -68,6 +75,8 @@ class GANFamily:
         return -fake_logits.mean() if self.cfg.gan_loss == "hinge" else F.softplus(-fake_logits).mean()
 
     def phases(self, step):
+        if self.cfg.gan_update == "simultaneous":
+            return [Phase(("D", "G"), self._both_phase)]
         return [Phase("D", self._d_phase), Phase("G", self._g_phase, frozen=("D",))]
 
     divergence_text = "D separates real from fake outright (D(real) - D(fake) > 20) and G's loss exceeds 100"
@@ -102,6 +111,21 @@ class GANFamily:
             loss = loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
             out["r1"] = r1.detach()
         return loss, out
+
+    def _both_phase(self, batch, step, accelerator):
+        """The notebook's step: one batch of fakes, D on reals and fakes once, both losses from
+        those logits; the loop backpropagates each loss into its own network only."""
+        x = batch["image"]
+        labels = batch["label"] if self.cfg.conditional else None
+        z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
+        fake = self.modules["G"](z, labels)
+        both_labels = torch.cat([labels, labels]) if labels is not None else None
+        logits = self.modules["D"](self._aug(torch.cat([x, fake.to(x.dtype)])), both_labels)
+        real_logits, fake_logits = logits.float().chunk(2)
+        loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
+        return {"D": loss_d, "G": loss_g}, {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
+                                           "d_real": real_logits.mean().detach(),
+                                           "d_fake": fake_logits.mean().detach()}
 
     def _g_phase(self, batch, step, accelerator):
         """G through the (frozen, already updated) D, outside D's DDP wrapper: D is not trained here."""

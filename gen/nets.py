@@ -69,7 +69,7 @@ class SeedEncoder(nn.Module):
         self.out = nn.Linear(flat, 2 * latent_dim)
 
     def forward(self, x, labels=None):
-        h = self.features(x)
+        h = self.features((x + 1) / 2)  # the tutorial fed the encoder images in [0, 1]
         if self.label_embed is not None:
             h = h + self.label_embed(labels)
         return self.out(h).chunk(2, dim=1)

@@ -135,16 +135,22 @@ def run_phases(family, micro_batches, step, accelerator, max_norm):
     Returns each metric's mean over the micro-batches, as device tensors."""
     sums = {}
     for phase in family.phases(step):
-        module, opt = family.modules[phase.name], family.optimizers[phase.name]
+        modules = [family.modules[n] for n in phase.names]
         with frozen([family.plain[n] for n in phase.frozen]):
             for batch in micro_batches:
-                with accelerator.accumulate(module):  # DDP's no_sync on all but the last micro-batch
-                    loss, metrics = phase.loss(batch, step, accelerator)
-                    accelerator.backward(loss)  # divided by grad_accum: the mean over k*b samples
-                    if max_norm > 0 and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(module.parameters(), max_norm)
-                    opt.step()  # Accelerate steps (and zeroes) only on the last micro-batch,
-                    opt.zero_grad(set_to_none=True)  # so zeroing after the step keeps the earlier ones
+                with accelerator.accumulate(*modules):  # DDP's no_sync on all but the last micro-batch
+                    losses, metrics = phase.loss(batch, step, accelerator)
+                    if not isinstance(losses, dict):
+                        losses = {phase.name: losses}
+                    for i, name in enumerate(phase.names):  # divided by grad_accum: the mean over k*b samples
+                        accelerator.backward(losses[name], **({} if len(losses) == 1 else {
+                            "inputs": list(family.plain[name].parameters()), "retain_graph": i < len(losses) - 1}))
+                    for name, module in zip(phase.names, modules):
+                        if max_norm > 0 and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(module.parameters(), max_norm)
+                        opt = family.optimizers[name]
+                        opt.step()  # Accelerate steps (and zeroes) only on the last micro-batch,
+                        opt.zero_grad(set_to_none=True)  # so zeroing after the step keeps the earlier ones
                 for k, v in metrics.items():
                     sums[k] = sums[k] + v if k in sums else v
     return {k: v / len(micro_batches) for k, v in sums.items()}
