@@ -169,8 +169,8 @@ def _disk_full(out, progress, total, done):
     per_sample = sum(written) / counted if counted else None
     free = shutil.disk_usage(out).free / 2**20
     need = f"about {per_sample * max(total - done, 1) / 2**20:.1f} MiB more" if per_sample else "more space"
-    return (f"disk full writing shards to {out} ({free:.1f} MiB free, {need}); the {len(written)} finished shard(s) "
-            "are kept and no partial file is left: free space and run the same command again")
+    return (f"disk full writing shards to {out} ({free:.1f} MiB free, {need}); no partial file is left and "
+            "complete shards are kept: free space and run the same command again to write the rest")
 
 
 def write_one_shard(job):

@@ -86,8 +86,11 @@ def test_one_run_per_run_dir(mnist_shards, tmp_path):
     first = start(train_cmd(mnist_shards, run_dir, "--train.steps", "2000", "--train.ckpt_every", "25",
                             "--train.log_every", "1", "--log.wandb", "off", "--data.workers", "0"))
     wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and metrics(run_dir), first)
+    assert first.poll() is None, first.communicate()[1][-2000:]
     second = run(train_cmd(mnist_shards, run_dir, "--train.steps", "10", "--log.wandb", "off"))
-    assert second.returncode == 1
+    if second.returncode != 1:
+        first.kill()
+        raise AssertionError(f"first: {first.poll()} {first.communicate()[1][-1500:]}\nsecond: {second.stderr[-1500:]}")
     errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "in use by another run" in errors[0] and f"pid {first.pid}" in errors[0], second.stderr
     assert socket.gethostname() in errors[0]
@@ -194,21 +197,22 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(mni
 
 def test_disk_full_during_prep_is_one_line_and_leaves_no_partial_files(mnist_shards, tmp_path, tmpfs):
     src = Path(mnist_shards).parent / "idx"
-    disk = tmpfs(96)
+    disk = tmpfs(200)  # two shards (80 KiB each, tar blocks) and their records fit, the third does not
     out = disk / "shards"
     proc = run(["-m", "data_prep", "mnist", "--source", str(src), "--out", str(out), "--shard-size", "24"])
     assert proc.returncode == 1 and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
     assert "disk full" in proc.stderr and str(out) in proc.stderr and "Traceback" not in proc.stderr
     assert not list(out.glob(".*.partial")) and not list(out.glob(".*.tmp*"))
-    # what was finished is whole: a re-run with space keeps it
-    finished = sorted(p.name for p in out.glob("*.tar"))
-    assert finished
+    # the shards recorded as finished are whole: a re-run with space keeps them, writes the rest
+    recorded = sorted(json.loads((out / ".progress.json").read_text())["shards"])
+    assert recorded
     bigger = tmp_path / "bigger"
     shutil.copytree(out, bigger)
-    mtimes = {n: (bigger / n).stat().st_mtime_ns for n in finished}
+    mtimes = {n: (bigger / n).stat().st_mtime_ns for n in recorded}
     run(["-m", "data_prep", "mnist", "--source", str(src), "--out", str(bigger), "--shard-size", "24"], check=True)
-    assert {n: (bigger / n).stat().st_mtime_ns for n in finished} == mtimes  # kept, not written again
-    assert len(list(bigger.glob("*.tar"))) > len(finished)
+    assert {n: (bigger / n).stat().st_mtime_ns for n in recorded} == mtimes  # kept, not written again
+    splits = json.loads((bigger / "manifest.json").read_text())["splits"]
+    assert (splits["train"]["count"], splits["test"]["count"]) == (240, 60)
     run(["-m", "data_prep", "verify", str(bigger)], check=True)
 
 
