@@ -130,6 +130,21 @@ def frozen(modules):
             p.requires_grad_(True)
 
 
+def prepare_family(accelerator, family):
+    """Wrap the family's modules and optimizers with the accelerator (DDP, device, precision), in
+    place; `family.plain` keeps the unwrapped modules."""
+    names = list(family.modules)
+    prepared = accelerator.prepare(*family.modules.values(), *family.optimizers.values())
+    family.modules = dict(zip(names, prepared[:len(names)]))
+    family.optimizers = dict(zip(names, prepared[len(names):]))
+
+
+def add_into(sums, metrics):
+    """Sum device tensors by name (no host sync)."""
+    for k, v in metrics.items():
+        sums[k] = sums[k] + v if k in sums else v
+
+
 def run_phases(family, micro_batches, step, accelerator, max_norm):
     """One optimizer step for each of the family's phases, each over all micro-batches.
     Returns each metric's mean over the micro-batches, as device tensors."""
@@ -151,8 +166,7 @@ def run_phases(family, micro_batches, step, accelerator, max_norm):
                         opt = family.optimizers[name]
                         opt.step()  # Accelerate steps (and zeroes) only on the last micro-batch,
                         opt.zero_grad(set_to_none=True)  # so zeroing after the step keeps the earlier ones
-                for k, v in metrics.items():
-                    sums[k] = sums[k] + v if k in sums else v
+                add_into(sums, metrics)
     return {k: v / len(micro_batches) for k, v in sums.items()}
 
 
@@ -238,9 +252,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     for m in family.modules.values():
         m.to(memory_format=memory_format)
     names = list(family.modules)
-    prepared = accelerator.prepare(*family.modules.values(), *family.optimizers.values())
-    family.modules = dict(zip(names, prepared[:len(names)]))
-    family.optimizers = dict(zip(names, prepared[len(names):]))
+    prepare_family(accelerator, family)
 
     # EMA and the loop's own state are checkpointed with the models.
     ema = None
@@ -278,8 +290,12 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     fixed_z = torch.randn(cfg.log.num_samples, cfg.model.latent_dim, generator=gen).to(accelerator.device)
     fixed_labels = (torch.arange(cfg.log.num_samples) % max(num_classes, 1)).to(accelerator.device)
 
+    def sampling_module():
+        """What samples, evaluations and sampling.safetensors use: the EMA copy when kept."""
+        return ema.module if ema else family.plain[family.ema_target]
+
     def sample_grid(step):
-        module = ema.module if ema else accelerator.unwrap_model(family.modules[family.ema_target])
+        module = sampling_module()
         was_training = module.training
         module.eval()
         images = family.generate(module, fixed_z, fixed_labels)
@@ -300,7 +316,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
 
     def evaluate(step):
         from .sample import Sampler
-        module = ema.module if ema else family.plain[family.ema_target]
+        module = sampling_module()
         was_training = module.training
         module.eval()
         sampler = Sampler(family, module, cfg, {"shape": shape, "num_classes": num_classes}, accelerator.device)
@@ -318,12 +334,11 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     def save(step):
         nonlocal last_ckpt
         state.data = gather_object([position.state_dict()])  # every rank's stream position, by rank
-        sampling_module = ema.module if ema else accelerator.unwrap_model(family.modules[family.ema_target])
         last_ckpt = checkpoint.save(accelerator, run_dir, step, {"config": config_dict, "shape": list(shape),
                                                                  "num_classes": num_classes,
                                                                  "class_names": manifest.get("class_names"),
                                                                  "wandb_run_id": state.wandb_run_id},
-                                    tc.keep_last, sampling_module)
+                                    tc.keep_last, sampling_module())
 
     def to_device(batch):
         position.update(batch["position"])
@@ -355,9 +370,8 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
                 # on the device: remember the first step with a non-finite loss, sum losses for the log
                 finite = torch.stack([v.float() for v in losses.values()]).isfinite().all()
                 first_bad_step = torch.where(finite | (first_bad_step > 0), first_bad_step, step)
-                for k, v in losses.items():
-                    sums[k] = sums[k] + v if k in sums else v
-                    check_sums[k] = check_sums[k] + v if k in check_sums else v
+                add_into(sums, losses)
+                add_into(check_sums, losses)
                 window_steps += 1
                 check_steps += 1
                 bar.update(1)
@@ -418,7 +432,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
         # is fully alive: a gloo thread freeing the last tensor during interpreter exit aborts
         # the process ("terminate called without an active exception").
         plain_modules = {n: accelerator.unwrap_model(m) for n, m in family.modules.items()}
-        family.modules, prepared, data_iter, loader, micro_batches = plain_modules, None, None, None, None
+        family.modules, data_iter, loader, micro_batches = plain_modules, None, None, None
         accelerator.free_memory()  # drops Accelerate's references, then gc.collect()
         if keep_process_group:  # the caller still talks to the other ranks
             for tracker in accelerator.trackers:

@@ -19,7 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from gen.config import parse
 from gen.data import make_loader
 from gen.families import build_family
-from gen.train import run_phases
+from gen.train import prepare_family, run_phases
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -41,8 +41,7 @@ if "D" in family.modules:  # converge spectral norm's power iteration, which mov
             family.modules["D"](torch.zeros(1, 1, 28, 28))
 initial = {n: copy.deepcopy(m) for n, m in family.modules.items()}
 names = list(family.modules)
-prepared = acc.prepare(*family.modules.values(), *family.optimizers.values())
-family.modules, family.optimizers = dict(zip(names, prepared[:len(names)])), dict(zip(names, prepared[len(names):]))
+prepare_family(acc, family)
 
 # what the optimizers see when they step, and how often DDP all-reduces each module's gradients
 grads, steps, reduces = {}, {n: 0 for n in names}, {n: [] for n in names}

@@ -305,7 +305,7 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
     from gen.config import parse
     from gen.data import make_loader
     from gen.families import build_family
-    from gen.train import run_phases
+    from gen.train import prepare_family, run_phases
     loader, _, _ = make_loader(mnist_shards, 16, workers=0)
     x = next(iter(loader))["image"]
     acc = Accelerator(cpu=True)
@@ -314,10 +314,7 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
         torch.manual_seed(0)
         family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
         initial = {n: copy.deepcopy(m) for n, m in family.modules.items()}
-        names = list(family.modules)
-        prepared = acc.prepare(*family.modules.values(), *family.optimizers.values())
-        family.modules = dict(zip(names, prepared[:len(names)]))
-        family.optimizers = dict(zip(names, prepared[len(names):]))
+        prepare_family(acc, family)
         grads = {}
         for n, opt in family.optimizers.items():
             opt.optimizer.register_step_pre_hook(
