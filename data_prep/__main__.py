@@ -1,4 +1,4 @@
-"""python -m data_prep {mnist,fashion-mnist,pokemon,folder,verify,preview} ... (see --help)."""
+"""python -m data_prep {mnist,fashion-mnist,pokemon,folder,index,verify,preview} ... (see --help)."""
 import argparse
 import errno
 import logging
@@ -58,7 +58,10 @@ def build_parser():
     p.add_argument("--grayscale", action="store_true")
     p.add_argument("--name", default=None, help="data set name in the manifest (default: folder name)")
     common(p)
-    p = sub.add_parser("verify", help="check sha256, decode every sample, compare counts")
+    p = sub.add_parser("index", help="write each shard's index (DALI wds2idx v1.2) and record it in the manifest, "
+                                     "for shards written before indexes or by other tools")
+    p.add_argument("dir")
+    p = sub.add_parser("verify", help="check sha256, decode every sample, compare counts and indexes")
     p.add_argument("dir")
     p = sub.add_parser("preview", help="labeled grid of real samples")
     p.add_argument("dir")
@@ -102,6 +105,12 @@ def main(argv=None):
             counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
             print(f"verify: OK {args.dir}: {counts} samples, {m['image_size']}px x {m['channels']}ch")
             return 0
+        if args.command == "index":
+            done, problems = shards.index_folder(args.dir)
+            for p in problems:
+                print(f"index: {p}")
+            print(f"index: {done} shard(s) indexed in {args.dir}" + (f", {len(problems)} problem(s)" if problems else ""))
+            return 1 if problems else 0
         if args.command == "preview":
             n = shards.preview(args.dir, args.out, args.n, args.split)
             print(f"preview: {n} samples -> {args.out}")

@@ -1,7 +1,8 @@
 """Write, verify and preview WebDataset shards.
 
-Layout of an output folder: `{split}-{i:06d}.tar` (samples `png`, `cls`, `json`) and
-`manifest.json`. Every file is written under a temporary name and renamed, so a kill leaves
+Layout of an output folder: `{split}-{i:06d}.tar` (samples `png`, `cls`, `json`), beside each
+its index `{split}-{i:06d}.idx` (DALI's wds2idx v1.2 text format: every member's byte offset and
+size, so a reader can fetch one sample without parsing the tar), and `manifest.json`. Every file is written under a temporary name and renamed, so a kill leaves
 either the previous file or the new one. `.progress.json` records finished shards, so a re-run
 keeps every complete shard whose sha256 still matches and writes only the rest."""
 import errno
@@ -23,8 +24,9 @@ import webdataset as wds
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-from gen.shard_format import (FORMAT, MANIFEST, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
-                              read_manifest, sha256_file, split_shards)
+from gen.shard_format import (FORMAT, MANIFEST, DataError, atomic_write_bytes,  # noqa: F401 (re-exported)
+                              atomic_write_json, index_text, parse_index, read_manifest, scan_tar, sha256_file,
+                              split_shards, write_index)
 
 from . import PrepError
 from .images import normalise, png_bytes
@@ -103,7 +105,7 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
     for split in source.splits:
         for name in plan[split]:
             record = progress.get(name)
-            if record and (out / name).is_file() and sha256_file(out / name) == record["sha256"]:
+            if record and (out / name).is_file() and sha256_file(out / name) == record["sha256"] and _index_ok(out, record):
                 kept += 1
             else:
                 chunk, first = plan[name]
@@ -141,7 +143,8 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
         splits_meta[split] = {
             "count": sum(r["count"] for r in records),
             "per_class": dict(sorted(per_class.items())),
-            "shards": [{"name": r["name"], "count": r["count"], "sha256": r["sha256"]} for r in records],
+            "shards": [{"name": r["name"], "count": r["count"], "sha256": r["sha256"], "index": r["index"]}
+                       for r in records],
         }
     if not any(m["count"] for m in splits_meta.values()):
         first = f" (first: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
@@ -160,6 +163,11 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
     if kept:
         log.info("kept %d complete shard(s) from an earlier run", kept)
     return manifest
+
+
+def _index_ok(out, record):
+    index = record.get("index")
+    return bool(index) and (out / index["name"]).is_file() and sha256_file(out / index["name"]) == index["sha256"]
 
 
 def _disk_full(out, progress, total, done):
@@ -186,6 +194,8 @@ def write_one_shard(job):
         raise
     os.replace(tmp, path)
     record["sha256"] = sink.sha256.hexdigest()
+    record["index"] = write_index(path, sink.members)  # offsets known from writing: no re-read
+    record["index"].pop("count")
     return record
 
 
@@ -224,6 +234,7 @@ class UstarWriter:
 
     def __init__(self, f):
         self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+        self.members = []  # (name, data offset, size): the shard's index
 
     def _out(self, b):
         self.sha256.update(b)
@@ -239,6 +250,7 @@ class UstarWriter:
         header = bytearray(self._HEADER.pack(*fields))
         header[148:156] = b"%06o\0 " % sum(header)  # checksum computed with its own field as spaces
         self._out(bytes(header))
+        self.members.append((name.decode(), self.size, len(data)))
         self._out(data)
         if len(data) % 512:
             self._out(b"\0" * (512 - len(data) % 512))
@@ -287,10 +299,69 @@ def verify(root):
             problems.append(f"{shard['name']}: unreadable tar ({type(e).__name__}: {e})")
         if count != shard["count"]:
             problems.append(f"{shard['name']}: {count} samples, manifest says {shard['count']}")
+        problems += _index_problems(path, shard.get("index"))
     for split, meta in manifest["splits"].items():
         if sum(s["count"] for s in meta["shards"]) != meta["count"]:
             problems.append(f"split {split}: shard counts do not add up to {meta['count']}")
     return problems
+
+
+def _index_problems(tar_path, record):
+    """An index must be the one recorded in the manifest and agree with a fresh scan of its tar."""
+    if record is None:
+        return []  # no index: readers stream the tar (python -m data_prep index adds one)
+    path = tar_path.with_name(record["name"])
+    if not path.is_file():
+        return [f"{record['name']}: index missing (python -m data_prep index {tar_path.parent} rewrites it)"]
+    text = path.read_bytes()
+    if hashlib.sha256(text).hexdigest() != record["sha256"]:
+        return [f"{record['name']}: sha256 differs from the manifest"]
+    try:
+        if parse_index(text.decode()) != parse_index(index_text(scan_tar(tar_path))):
+            return [f"{record['name']}: offsets differ from the tar's own headers"]
+    except DataError as e:
+        return [f"{record['name']}: {e}"]
+    return []
+
+
+def index_folder(root):
+    """Add an index beside every shard of `root`, for shards written before indexes existed or by
+    other tools. With a manifest, each index is recorded in it (the manifest is rewritten
+    atomically, once at the end); without one, every *.tar gets its .idx. Returns
+    (shards indexed, problems)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PrepError(f"{root}: no such folder")
+    if not (root / MANIFEST).is_file():
+        tars = sorted(root.glob("*.tar"))
+        if not tars:
+            raise PrepError(f"{root} has no manifest.json and no .tar files")
+        for tar in tqdm(tars, desc="index", unit="shard", dynamic_ncols=True):
+            write_index(tar)
+        return len(tars), []
+    manifest = read_manifest(root)
+    problems, done = [], 0
+    shards = [s for meta in manifest["splits"].values() for s in meta["shards"]]
+    for shard in tqdm(shards, desc="index", unit="shard", dynamic_ncols=True):
+        path = root / shard["name"]
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        try:
+            record = write_index(path)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        if record.pop("count") != shard["count"]:
+            problems.append(f"{shard['name']}: the tar holds a different number of samples than the manifest says "
+                            "(truncated or replaced?): not indexed; run python -m data_prep verify")
+            (root / record["name"]).unlink(missing_ok=True)
+            shard.pop("index", None)
+            continue
+        shard["index"] = record
+        done += 1
+    atomic_write_json(root / MANIFEST, manifest)
+    return done, problems
 
 
 def preview(root, out, n=64, split=None):

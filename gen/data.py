@@ -1,6 +1,6 @@
-"""WebDataset loader for deepgen shards (as written by `python -m data_prep`).
+"""Loader for deepgen shards (as written by `python -m data_prep`).
 
-    loader = make_loader("data/mnist", batch_size=64, seed=0, rank=0, world_size=1, workers=2)
+    loader, stream, tracker = make_loader("data/mnist", batch_size=64, seed=0, rank=0, world_size=1, workers=2)
     for batch in loader:  # {"image": float (B,C,H,W) in [-1, 1], "label": long (B,), "position": ...}
 
 Every DataLoader worker runs one deterministic stream per epoch: the epoch's shard order
@@ -13,23 +13,41 @@ Epoch mode (default): each sample exactly once per epoch across all ranks and wo
 when there are at least as many shards as slots, else by sample index. Resampled mode: each
 slot draws shards with replacement (open_clip's ResampledShards), for multi-node runs on few
 large shards. Streams are infinite unless `epochs` is given; training counts steps, not epochs.
+
+Indexed shards (the `.idx` beside each tar, recorded in the manifest) are read by sample: the
+stream is made of sample ids, shuffled and split before any byte is read, and each id becomes
+one `os.pread` of that sample's bytes at its indexed offset. A slot reads exactly its own
+samples (no tar parsing, no read amplification when shards < slots), replaying a resume point
+costs nothing, and the stream is the same one the tar reader gives. Shards without a valid
+index are streamed through webdataset's tar reader, as before. Positional reads rather than
+mmap: the kernel counts them (each batch reports its worker's bytes read, from
+/proc/self/io), and file pages of a data set larger than memory do not pile up in the
+workers' RSS.
+
+Small data sets can live on the accelerator (`DeviceData`): the decoded split as uint8, each
+batch gathered there by sample id, in the same order and positions as the worker processes
+would deliver them, so checkpoints resume the same on either path.
 """
+import hashlib
 import logging
 import os
 import random
 import signal
 import tarfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_png
 
-from .shard_format import DataError, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
+from .shard_format import DataError, parse_index, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
 
 log = logging.getLogger("gen.data")
+OPEN_SHARDS = 64  # file descriptors kept open per worker for indexed reads
 
 
 def stream_seed(seed, epoch, slot):
@@ -38,8 +56,65 @@ def stream_seed(seed, epoch, slot):
     return (seed * 1_000_003 + epoch) * 1_000_003 + slot
 
 
+def read_bytes_so_far():
+    """Bytes this process has read through read()/pread() so far, as the kernel counts them."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            return int(f.read().split(b"rchar:", 1)[1].split(b"\n", 1)[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 class DecodeError(ValueError):
     """A sample that failed to decode, remembered in the cache so every epoch skips it again."""
+
+
+class SplitIndex:
+    """The indexes of one split's shards, reduced to what the loader reads. Row `id` (the global
+    sample id: shard base + position in the shard) holds the byte span covering the sample's png
+    and cls members and where each lies in it. numpy arrays: forked workers share their pages."""
+
+    def __init__(self, root, shards, base, rank=0):
+        # per sample: span start, span length, png at (in the span), png size, cls at (-1: none), cls size
+        self.spans = np.zeros((sum(n for _, n, _ in shards), 6), dtype=np.int64)
+        self.keys = np.zeros(len(self.spans), dtype="S32")
+        self.indexed, self.index_bytes, stale = set(), 0, []
+        for url, count, record in shards:
+            problem = self._load(url, count, record, base[url]) if record else "no index"
+            if problem:
+                stale.append(f"{Path(url).name} ({problem})")
+            else:
+                self.indexed.add(url)
+        if stale and len(stale) < len(shards) and rank == 0:
+            log.warning("%d of %d shards are streamed without their index: %s%s (python -m data_prep index %s "
+                        "rewrites them)", len(stale), len(shards), ", ".join(stale[:3]), " ..." if len(stale) > 3 else "",
+                        root)
+
+    def _load(self, url, count, record, base):
+        path = Path(url).with_name(record["name"])
+        try:
+            if os.path.getsize(url) != record["tar_bytes"]:
+                return "the tar changed size since it was indexed"
+            text = path.read_bytes()
+        except OSError as e:
+            return f"{type(e).__name__}"
+        self.index_bytes += len(text)
+        if hashlib.sha256(text).hexdigest() != record["sha256"]:
+            return "index sha256 differs from the manifest"
+        try:
+            samples, keys = parse_index(text.decode(), path.name)
+        except (DataError, UnicodeDecodeError) as e:
+            return str(e)
+        if len(samples) != count or any("png" not in s for s in samples):
+            return "index does not match the manifest"
+        for i, (sample, key) in enumerate(zip(samples, keys)):
+            png, cls = sample["png"], sample.get("cls", (-1, 0))
+            start = min(png[0], cls[0]) if cls[0] >= 0 else png[0]
+            end = max(png[0] + png[1], cls[0] + cls[1])
+            self.spans[base + i] = (start, end - start, png[0] - start, png[1], cls[0] - start if cls[0] >= 0 else -1,
+                                    cls[1])
+            self.keys[base + i] = key.encode()
+        return None
 
 
 class ShardStream(IterableDataset):
@@ -47,11 +122,16 @@ class ShardStream(IterableDataset):
     where logical worker w resumes; `rotation` maps DataLoader worker p to logical (p + rotation) % W."""
 
     def __init__(self, root, split="train", batch_size=64, seed=0, rank=0, world_size=1, num_workers=0,
-                 shuffle_buffer=1000, resampled=False, epochs=None, positions=None, rotation=0, cache_mb=1024):
+                 shuffle_buffer=1000, resampled=False, epochs=None, positions=None, rotation=0, cache_mb=1024,
+                 use_index=True):
         manifest = read_manifest(root)
         shards = split_shards(root, split, manifest)
         self.urls = [url for url, _ in shards]
         self.expected = dict(shards)  # url -> sample count, to detect truncated shards
+        self.base, total = {}, 0      # global sample ids: shard url holds [base, base + count)
+        for url, n in shards:
+            self.base[url], total = total, total + n
+        self.bases = np.array([self.base[u] for u in self.urls])
         self.size, self.channels = manifest["image_size"], manifest["channels"]
         self.class_names = manifest.get("class_names")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -59,21 +139,27 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.resampled, self.epochs = shuffle_buffer, resampled, epochs
         self.positions = positions or {}
         self.rotation = rotation
-        self.num_samples = sum(self.expected.values())
-        # Decoded-image cache, per worker: tar parsing and PNG decode cost ~180 + ~220 us per 64 px
-        # sample, so small data sets (MNIST, Pokémon) are decoded once and replayed from memory.
-        # Every worker may meet every shard (shard order changes per epoch), so the whole split
-        # must fit the budget; the replayed stream is sample for sample the one read from disk.
+        self.num_samples = total
+        records = {s["name"]: s.get("index") for s in manifest["splits"][split]["shards"]}
+        self.index = SplitIndex(root, [(u, n, records[Path(u).name] if use_index else None) for u, n in shards],
+                                self.base, rank)
+        # shards replayed as sample ids: indexed ones, and streamed ones once fully read into the cache
+        self.known = {url: (self.expected[url], 0) for url in self.index.indexed}  # url -> (samples, lost)
+        self._fds = OrderedDict()
+        # Decoded-image cache, per worker: PNG decode costs ~100-200 us per 64 px sample, so small
+        # data sets (MNIST, Pokémon) are decoded once and replayed from memory. Every worker may meet
+        # every shard (shard order changes per epoch), so the whole split must fit the budget; the
+        # replayed stream is sample for sample the one read from disk.
         decoded_mb = self.num_samples * self.channels * self.size * self.size / 2**20
         self.cache = {} if 0 < decoded_mb <= cache_mb else None
+        slots = world_size * self.num_workers
+        if not resampled and len(self.urls) < slots and len(self.index.indexed) < len(self.urls) and rank == 0:
+            log.warning("%d shards for %d loader slots (%d ranks x %d workers) and no index: every slot reads every "
+                        "shard and keeps 1 sample in %d, so each epoch reads the data %d times. Run `python -m data_prep "
+                        "index %s` (slots then read only their own samples), or write >= %d shards, or use "
+                        "--data.resampled", len(self.urls), slots, world_size, self.num_workers, slots, slots, root, slots)
 
     # --- one worker's stream -------------------------------------------------------------
-    def _slot(self):
-        info = get_worker_info()
-        physical = info.id if info else 0
-        logical = (physical + self.rotation) % self.num_workers
-        return logical, self.rank * self.num_workers + logical, self.world_size * self.num_workers
-
     def _epoch_sources(self, epoch, slot, slots):
         """(shard urls, sample stride) this slot reads in `epoch`."""
         if self.resampled:
@@ -94,12 +180,14 @@ class ShardStream(IterableDataset):
         return _shuffle(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
 
     def _read_shard(self, url, stats):
-        """Samples of one tar: raw dicts, or (image, label, key) / DecodeError when cached. A read
+        """The samples of one tar, in order: sample ids (indexed or already cached shards: nothing
+        is read here), else raw dicts from webdataset's tar reader (ids when caching). A read
         error skips the rest of the shard; a tar that ends early (webdataset stops quietly at a
         truncation) is caught by comparing with the manifest's count."""
-        if self.cache is not None and url in self.cache:
-            samples, lost = self.cache[url]
-            yield from samples
+        base = self.base[url]
+        if url in self.known:
+            n, lost = self.known[url]
+            yield from range(base, base + n)
             self._count_lost(url, lost, stats)
             return
 
@@ -107,19 +195,19 @@ class ShardStream(IterableDataset):
             _rate_limited_warning(stats, f"{Path(url).name}: read error, rest of shard skipped: {type(exn).__name__}: {exn}")
             return False  # stop this shard; the count check below records what was lost
 
-        n, kept = 0, []
+        n = 0
         try:
             for sample in wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": url}])):
-                n += 1
                 if self.cache is not None:
-                    sample = self._decode_or_error(sample)
-                    kept.append(sample)
+                    self.cache[base + n] = self._decode_or_error(sample)
+                    sample = base + n
+                n += 1
                 yield sample
         except (OSError, ValueError, tarfile.TarError) as e:
             _rate_limited_warning(stats, f"{Path(url).name}: unreadable ({type(e).__name__}: {e})")
         lost = self.expected[url] - n
         if self.cache is not None:
-            self.cache[url] = (kept, lost)
+            self.known[url] = (n, lost)
         self._count_lost(url, lost, stats)
 
     def _count_lost(self, url, lost, stats):
@@ -128,60 +216,144 @@ class ShardStream(IterableDataset):
             _rate_limited_warning(stats, f"{Path(url).name}: truncated or damaged, {lost} samples missing")
 
     def _decode_or_error(self, sample):
-        """(image, label, key), or a DecodeError for a corrupt sample; cached items pass through."""
-        if isinstance(sample, (tuple, DecodeError)):
-            return sample
+        """(image, label, key), or a DecodeError for a corrupt sample. `sample` is a sample id
+        (from the cache, else read through the index) or a raw dict from the tar reader."""
+        if isinstance(sample, int):
+            hit = self.cache.get(sample) if self.cache is not None else None
+            if hit is None:
+                hit = self._read_indexed(sample)
+                if self.cache is not None:
+                    self.cache[sample] = hit
+            return hit
         try:
-            return self._decode(sample)
+            label = int(sample["cls"]) if "cls" in sample else -1
+            return self._decode(sample.get("png"), label, f"{Path(sample['__url__']).name}/{sample['__key__']}")
         except (RuntimeError, ValueError, KeyError) as e:
             return DecodeError(f"corrupt sample {sample.get('__url__')}/{sample.get('__key__')} skipped: {e}")
 
-    def _decode(self, sample):
-        data = sample.get("png")
-        if data is None:
+    def _read_indexed(self, sample_id):
+        """One sample by its index entry: one positional read of its byte span, then decode."""
+        shard = int(np.searchsorted(self.bases, sample_id, side="right")) - 1
+        url = self.urls[shard]
+        start, length, png_at, png_size, cls_at, cls_size = self.index.spans[sample_id].tolist()
+        key = f"{Path(url).name}/{self.index.keys[sample_id].decode()}"
+        try:
+            buf = bytearray(length)
+            if os.preadv(self._fd(url), [buf], start) != length:
+                raise ValueError("shard ends before the sample (truncated?)")
+            data = torch.frombuffer(buf, dtype=torch.uint8)
+            label = int(buf[cls_at:cls_at + cls_size]) if cls_at >= 0 else -1
+            return self._decode(data[png_at:png_at + png_size], label, key)
+        except (OSError, RuntimeError, ValueError) as e:
+            return DecodeError(f"corrupt sample {key} skipped: {e}")
+
+    def _fd(self, url):
+        fd = self._fds.pop(url, None)
+        if fd is None:
+            fd = os.open(url, os.O_RDONLY)
+            if len(self._fds) >= OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[url] = fd  # most recently used last
+        return fd
+
+    def _decode(self, png, label, key):
+        if png is None:
             raise ValueError("sample has no png")
+        if not isinstance(png, torch.Tensor):
+            png = torch.frombuffer(bytearray(png), dtype=torch.uint8)
         mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-        img = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        img = decode_png(png, mode=mode)
         if img.shape != (self.channels, self.size, self.size):
             raise ValueError(f"image of shape {tuple(img.shape)}, expected {(self.channels, self.size, self.size)}")
-        label = int(sample["cls"]) if "cls" in sample else -1
-        return img, label, f"{Path(sample['__url__']).name}/{sample['__key__']}"
+        return img, label, key
 
     def __iter__(self):
-        logical, slot, slots = self._slot()
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.rotation) % self.num_workers
+        yield from self.batches(logical, self._decode_or_error, _stack)
+
+    def batches(self, logical, resolve, collate):
+        """Logical worker `logical`'s batches: `resolve` turns a stream item into a decoded item
+        or a DecodeError, `collate` a list of decoded items into {"image", "label", "key"}."""
+        slot, slots = self.rank * self.num_workers + logical, self.world_size * self.num_workers
         pos = self.positions.get(logical, {"epoch": 0, "offset": 0, "skipped": 0})
-        stats = {"skipped": pos.get("skipped", 0), "warned": 0}
+        stats = {"skipped": pos.get("skipped", 0), "warned": 0, "read_from": read_bytes_so_far()}
         epoch, start = pos["epoch"], pos["offset"]
-        images, labels, keys = [], [], []
+        items = []
         while self.epochs is None or epoch < self.epochs:
             offset = -1
             for offset, sample in enumerate(self._raw_epoch(epoch, slot, slots, stats)):
                 if offset < start:
-                    continue  # replaying up to the resume point: no decode
-                decoded = self._decode_or_error(sample)
+                    continue  # replaying up to the resume point: no decode (and no read, with an index)
+                decoded = resolve(sample)
                 if isinstance(decoded, DecodeError):
                     stats["skipped"] += 1
                     _rate_limited_warning(stats, str(decoded))
                     continue
-                img, label, key = decoded
-                images.append(img)
-                labels.append(label)
-                keys.append(key)
-                if len(images) == self.batch_size:
-                    yield self._batch(images, labels, keys, logical, epoch, offset + 1, stats)
-                    images, labels, keys = [], [], []
+                items.append(decoded)
+                if len(items) == self.batch_size:
+                    yield self._batch(collate(items), logical, epoch, offset + 1, stats)
+                    items = []
             if offset < 0 and not self.resampled and start == 0:
                 log.warning("worker %d of rank %d has no data in epoch %d (more workers than samples?)", logical, self.rank, epoch)
                 if self.epochs is None:
                     return
             epoch, start = epoch + 1, 0
-        if images:  # finite runs (evaluation, tests) keep the last partial batch
-            yield self._batch(images, labels, keys, logical, epoch - 1, offset + 1, stats)
+        if items:  # finite runs (evaluation, tests) keep the last partial batch
+            yield self._batch(collate(items), logical, epoch - 1, offset + 1, stats)
 
-    def _batch(self, images, labels, keys, logical, epoch, offset, stats):
-        # uint8 across the process boundary (4x less than float32); to_float() runs in the consumer
-        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "key": keys,
-                "position": {"worker": logical, "epoch": epoch, "offset": offset, "skipped": stats["skipped"]}}
+    def _batch(self, batch, logical, epoch, offset, stats):
+        batch["position"] = {"worker": logical, "epoch": epoch, "offset": offset, "skipped": stats["skipped"],
+                             "read_bytes": read_bytes_so_far() - stats["read_from"]}
+        return batch
+
+
+def _stack(items):
+    # uint8 across the process boundary (4x less than float32); to_float() runs in the consumer
+    images, labels, keys = zip(*items)
+    return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "key": list(keys)}
+
+
+class DeviceData:
+    """A small decoded split kept on `device` as uint8, batches gathered there by sample id. It
+    runs the same logical-worker streams as the DataLoader would (`ShardStream.batches` on ids)
+    and interleaves them in the DataLoader's round-robin order, so batches, positions and resume
+    are the CPU path's; no worker processes, no host-to-device copy per batch. For training's
+    infinite streams (a finite stream's last batches may be ordered differently)."""
+
+    def __init__(self, stream, device):
+        self.stream, self.device = stream, torch.device(device)
+        n, c, s = stream.num_samples, stream.channels, stream.size
+        images = torch.zeros((n, c, s, s), dtype=torch.uint8)
+        labels = torch.full((n,), -1, dtype=torch.long)
+        self.keys, self.valid = [None] * n, np.zeros(n, dtype=bool)
+        stream.cache, stats = {}, {"skipped": 0, "warned": 0}  # one full read; streamed shards become `known`
+        for url in stream.urls:
+            for sample_id in stream._read_shard(url, stats):
+                decoded = stream._decode_or_error(sample_id)
+                if not isinstance(decoded, DecodeError):
+                    images[sample_id], labels[sample_id], self.keys[sample_id] = decoded
+                    self.valid[sample_id] = True
+        stream.cache = None
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+
+    def _resolve(self, sample_id):
+        return sample_id if self.valid[sample_id] else DecodeError(f"corrupt sample id {sample_id} skipped")
+
+    def _gather(self, ids):
+        index = torch.tensor(ids, device=self.device)
+        return {"image": self.images.index_select(0, index), "label": self.labels.index_select(0, index),
+                "key": [self.keys[i] for i in ids]}
+
+    def __iter__(self):
+        w = self.stream.num_workers
+        streams = [self.stream.batches((p + self.stream.rotation) % w, self._resolve, self._gather) for p in range(w)]
+        while streams:
+            for s in list(streams):
+                try:
+                    yield next(s)
+                except StopIteration:
+                    streams.remove(s)
 
 
 def _shuffle(samples, bufsize, rng):
@@ -211,7 +383,7 @@ class PositionTracker:
 
     def __init__(self, num_workers, state=None):
         self.num_workers = max(1, num_workers)
-        self.positions = {}
+        self.positions, self.read_bytes = {}, {}
         self.batches = 0
         if state:
             self.positions = {int(k): v for k, v in state["positions"].items()}
@@ -219,7 +391,13 @@ class PositionTracker:
 
     def update(self, position):
         self.positions[position["worker"]] = {k: position[k] for k in ("epoch", "offset", "skipped")}
+        self.read_bytes[position["worker"]] = position.get("read_bytes", 0)
         self.batches += 1
+
+    @property
+    def bytes_read(self):
+        """Bytes the loader's workers have read since they started (this session, not resumed)."""
+        return sum(self.read_bytes.values())
 
     @property
     def skipped(self):
@@ -271,14 +449,18 @@ class FloatBatches:
 
 
 def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split="train", shuffle_buffer=1000,
-                resampled=False, epochs=None, tracker_state=None, pin_memory=False, cache_mb=1024):
-    """(iterable of batches, ShardStream, PositionTracker). Batches are built inside the workers."""
+                resampled=False, epochs=None, tracker_state=None, pin_memory=False, cache_mb=1024, device=None,
+                use_index=True):
+    """(iterable of batches, ShardStream, PositionTracker). Batches are built inside the workers,
+    or, with `device`, gathered from the decoded split held there (`DeviceData`)."""
     tracker = PositionTracker(workers, tracker_state)
     if tracker_state and tracker_state.get("num_workers", workers) != max(1, workers):
         raise DataError(f"checkpoint was written with data.workers={tracker_state['num_workers']}; "
                         f"resume with the same number of workers to continue the data stream exactly")
     stream = ShardStream(root, split, batch_size, seed, rank, world_size, workers, shuffle_buffer, resampled,
-                         epochs, **tracker.resume_args(), cache_mb=cache_mb)
+                         epochs, **tracker.resume_args(), cache_mb=cache_mb, use_index=use_index)
+    if device is not None:
+        return FloatBatches(DeviceData(stream, device)), stream, tracker
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=workers > 0, worker_init_fn=_worker_signals,
                         # its own generator: creating the iterator must not draw from the global RNG

@@ -68,3 +68,78 @@ def split_shards(root, split, manifest=None):
     if split not in manifest["splits"]:
         raise DataError(f"{root} has no split {split!r} (has: {', '.join(manifest['splits'])})")
     return [(str(Path(root) / s["name"]), s["count"]) for s in manifest["splits"][split]["shards"]]
+
+
+# --- per-shard index ---------------------------------------------------------------------
+# NVIDIA DALI's `wds2idx` text format, v1.2, so DALI's webdataset reader can use our shards as is:
+#   line 1: "v1.2 <number of samples>"
+#   then one line per sample: "<ext> <data offset> <size> <member name>" for each of its members,
+# where the data offset is the byte where the member's contents start (after its tar header).
+# Members belong to one sample while their name up to the first dot of the base name repeats
+# (webdataset's grouping rule). Member names must not contain spaces (the format's limit).
+INDEX_VERSION = "v1.2"
+
+
+def index_name(tar_name):
+    """`train-000000.tar` -> `train-000000.idx` (wds2idx's default name: up to the first dot)."""
+    base = Path(tar_name).name
+    return (base[:base.index(".")] if "." in base else base) + ".idx"
+
+
+def split_member_name(name):
+    """(sample key, extension) of a member name, or None for names without an extension."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name[:dot], name[dot + 1:]) if dot > 0 and not name[:dot].endswith("/") else None
+
+
+def index_text(members):
+    """The v1.2 index of a tar's regular files [(name, data offset, size)], in archive order."""
+    samples, last = [], None
+    for name, offset, size in members:
+        parts = split_member_name(name)
+        if parts is None:
+            continue
+        if " " in name or "\n" in name:
+            raise DataError(f"tar member {name!r} has a space in its name: the index format cannot hold it")
+        if parts[0] != last:
+            samples.append([])
+            last = parts[0]
+        samples[-1].append(f"{parts[1]} {offset} {size} {name}")
+    return "".join([f"{INDEX_VERSION} {len(samples)}\n"] + [" ".join(s) + "\n" for s in samples])
+
+
+def scan_tar(path):
+    """[(name, data offset, size)] of a tar's regular files, by Python's tarfile (which handles
+    the pax and GNU long-name headers other tools write); reads headers only."""
+    import tarfile
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{Path(path).name}: unreadable tar ({type(e).__name__}: {e})") from None
+
+
+def parse_index(text, source="index"):
+    """[{ext: (offset, size)}] per sample, plus the sample keys, from v1.2 index text."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise DataError(f"{source}: not a {INDEX_VERSION} index with a matching sample count")
+    samples, keys = [], []
+    for line in lines[1:]:
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise DataError(f"{source}: malformed line {line[:80]!r}")
+        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
+        keys.append(split_member_name(fields[3])[0])
+    return samples, keys
+
+
+def write_index(tar_path, members=None):
+    """Write `tar_path`'s index beside it (atomically); returns its manifest record."""
+    tar_path = Path(tar_path)
+    text = index_text(scan_tar(tar_path) if members is None else members).encode()
+    out = tar_path.with_name(index_name(tar_path.name))
+    atomic_write_bytes(out, text)
+    return {"name": out.name, "sha256": hashlib.sha256(text).hexdigest(), "tar_bytes": tar_path.stat().st_size,
+            "count": int(text.split(b"\n", 1)[0].split()[1])}

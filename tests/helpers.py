@@ -177,3 +177,40 @@ def logs(run_dir):
 def train_args(shards, run_dir, steps, *extra):
     return ["--preset", "gan", "--data", str(shards), "--train.run_dir", str(run_dir), *TINY,
             "--train.steps", str(steps), "--log.wandb", "off", *extra]
+
+
+def without_index(shards, dest):
+    """A copy of a shard folder as written before indexes existed: no .idx files, none in the manifest."""
+    shutil.copytree(shards, dest, ignore=shutil.ignore_patterns("*.idx"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for meta in manifest["splits"].values():
+        for shard in meta["shards"]:
+            shard.pop("index", None)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def make_color_folder(root, n, size=48, seed=0):
+    """n RGB PNGs of smooth colour fields with noise (~6 KB each), in two class folders."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        (Path(root) / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        img = np.stack([a[k] * xx + b[k] * yy + c[k] * xx * yy for k in range(3)], -1)
+        img = np.clip(img / 2 + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(Path(root) / f"c{i % 2}" / f"{i:05d}.png")
+    return Path(root)
+
+
+def gnu_tar_members(path):
+    """[(name, data offset, size)] of a ustar file as GNU tar lists them (header block + 1)."""
+    out = subprocess.run(["tar", "-tvR", "-f", str(path)], capture_output=True, text=True, check=True).stdout
+    members = []
+    for line in out.splitlines():
+        m = re.match(r"block (\d+): (\S)\S* \S+ +(\d+) \S+ \S+ (.+)$", line)
+        if m and m.group(2) == "-":
+            members.append((m.group(4), (int(m.group(1)) + 1) * 512, int(m.group(3))))
+    return members
