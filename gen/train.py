@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
 from . import checkpoint, tracking
 from .config import to_dict, validate
-from .data import make_loader, read_manifest
+from .data import make_loader, read_manifest, to_float
 from .ema import EMA
 from .families import build_family
 from .runlock import RunDirLocked, RunLock
@@ -186,6 +186,16 @@ def data_position_for_rank(saved, accelerator):
             "batches": 0, "num_workers": workers}
 
 
+def data_on_device(setting, device, manifest, split, share=0.05):
+    """Whether the decoded split lives on the device (DataConfig.device_data)."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type != "cuda":
+        return False  # on CPU, worker processes overlap decode with the step
+    split_bytes = manifest["splits"][split]["count"] * manifest["channels"] * manifest["image_size"] ** 2
+    return split_bytes <= share * torch.cuda.get_device_properties(device).total_memory
+
+
 def truncate_jsonl(path, last_step):
     """Drop records past `last_step` (written after the checkpoint a run resumes from), so a
     resumed run's metrics.jsonl holds each step once."""
@@ -212,6 +222,7 @@ def train(cfg, keep_process_group=False):
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                               # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
                               cpu=tc.cpu or not torch.cuda.is_available(), log_with=None if cfg.log.wandb == "off" else "wandb",
+                              kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)],
                               **({"dynamo_backend": "inductor"} if tc.compile else {}))
     set_seed(tc.seed, device_specific=True)  # each rank its own noise; DDP makes the weights equal
 
@@ -279,7 +290,8 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
         cfg.data.path, tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, workers=cfg.data.workers, split=cfg.data.split,
         shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, cache_mb=cfg.data.cache_mb,
-        tracker_state=data_position_for_rank(state.data, accelerator), pin_memory=accelerator.device.type == "cuda")
+        tracker_state=data_position_for_rank(state.data, accelerator), pin_memory=accelerator.device.type == "cuda",
+        device=accelerator.device if data_on_device(cfg.data.device_data, accelerator.device, manifest, cfg.data.split) else None)
 
     # Tracking: W&B on the main process, same run id across resumes; metrics.jsonl beside it.
     mode = tracking.wandb_mode(cfg.log.wandb) if accelerator.is_main_process else None
@@ -342,7 +354,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
 
     def to_device(batch):
         position.update(batch["position"])
-        image = batch["image"].to(accelerator.device, non_blocking=True)
+        image = to_float(batch["image"].to(accelerator.device, non_blocking=True))  # uint8 crosses the bus
         return {"image": image.contiguous(memory_format=memory_format),
                 "label": batch["label"].to(accelerator.device, non_blocking=True)}
 
@@ -350,7 +362,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     images_per_step = tc.batch_size * tc.grad_accum * accelerator.num_processes
     bar = tqdm(total=tc.steps, initial=state.step, disable=not accelerator.is_main_process, dynamic_ncols=True,
                unit="step", mininterval=1.0)
-    data_iter = iter(loader)
+    data_iter = iter(loader.loader)  # uint8 batches
     window_t, window_steps, sums = time.perf_counter(), 0, {}
     check_sums, check_steps, diverged_checks = {}, 0, 0  # losses since the last check, for divergence
     first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)  # 0: all finite so far
@@ -405,7 +417,8 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
                     metrics.update({"perf/img_per_s": images_per_step * window_steps / elapsed,
                                     "perf/ms_per_step": 1000 * elapsed / window_steps,
                                     "time/elapsed_s": state.elapsed, "data/images_seen": step * images_per_step,
-                                    "data/epoch": position.epoch, "data/skipped": position.skipped})
+                                    "data/epoch": position.epoch, "data/skipped": position.skipped,
+                                    "data/read_MB": position.bytes_read / 2**20})
                     if accelerator.is_main_process:
                         bar.set_postfix({"img/s": f"{metrics['perf/img_per_s']:.0f}"}, refresh=False)
                         line = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k.startswith("train/"))

@@ -34,9 +34,11 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
     assert "resumed from" in again.stderr and "checkpoint-0000020" in again.stderr
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == list(range(1, 41))
+    def same_run(a, b):  # all but timings and the bytes each session's loader read
+        skip = ("perf/", "time/", "data/read_MB")
+        assert {k: v for k, v in a.items() if not k.startswith(skip)} == {k: v for k, v in b.items() if not k.startswith(skip)}
     for a, b in zip(straight[20:], resumed[20:]):
-        assert {k: v for k, v in a.items() if not k.startswith(("perf/", "time/"))} == \
-               {k: v for k, v in b.items() if not k.startswith(("perf/", "time/"))}
+        same_run(a, b)
     # the resume point lies inside the second epoch of the data stream, not at a boundary
     loop_state = torch.load(tmp_path / "resumed/checkpoints/checkpoint-0000020/custom_checkpoint_1.pkl",
                             weights_only=False) if preset == "gan" else None
@@ -46,6 +48,13 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
     assert straight[19]["data/epoch"] == 1
     assert_same(state_files(tmp_path / "straight/checkpoints/checkpoint-0000040"),
                 state_files(tmp_path / "resumed/checkpoints/checkpoint-0000040"))
+    if preset == "gan":  # the on-device data path: the same run, and it resumes the workers' checkpoint
+        shutil.copytree(tmp_path / "resumed/checkpoints/checkpoint-0000020", tmp_path / "device/checkpoints/checkpoint-0000020")
+        run(train_cmd(mnist_shards, tmp_path / "device", *common, "--data.device_data", "on", preset=preset), check=True)
+        for a, b in zip(straight[20:], metrics(tmp_path / "device")):
+            same_run(a, b)
+        assert_same(state_files(tmp_path / "straight/checkpoints/checkpoint-0000040"),
+                    state_files(tmp_path / "device/checkpoints/checkpoint-0000040"))
     # the test can fail: another seed gives other weights
     run(train_cmd(mnist_shards, tmp_path / "seed1", *common, "--train.seed", "1", preset=preset), check=True)
     with pytest.raises(AssertionError):
