@@ -10,6 +10,8 @@ Side by side in one run (interleaved, best of two: this VM's speed drifts betwee
   tar reader:   the same shards without their index (webdataset's tar parsing), cache off
   cached:       indexed with the decoded-image cache on (Pokémon only; the default for small sets)
   ImageFolder:  torchvision ImageFolder + ToTensor over the same PNG files (Pokémon only)
+Torch's DataLoader costs ~1-1.5 ms per batch to move it from a worker to the trainer (shared
+memory), so the ratio is measured at the default batch (64) and at 256.
 Loader rates count the uint8 batches as they reach the training process (the float conversion
 runs on the accelerator, as part of the step). Then the bytes all slots of 2 ranks x 4 workers
 read in one epoch (the kernel's count), over the data set's size, on 3 and on 64 shards.
@@ -159,6 +161,7 @@ def main():
             for name, (indexed, plain) in sets.items():
                 runs = {"raw decode": lambda: raw_decode_rate(blobs[name], args.images, cores),
                         "indexed": lambda: loader_rate(indexed, args.workers, args.batch, 0, args.images),
+                        "indexed, batch 256": lambda: loader_rate(indexed, args.workers, 256, 0, args.images),
                         "tar reader": lambda: loader_rate(plain, args.workers, args.batch, 0, args.images)}
                 if name == "pokemon":
                     runs["cached"] = lambda: loader_rate(indexed, args.workers, args.batch, 1024, args.images)
@@ -167,14 +170,16 @@ def main():
                     best[name, what] = max(best.get((name, what), 0), fn())
 
         print(f"\nloader, cache off unless said: images/s ({cores} cores, {args.workers} workers, batch {args.batch})")
-        print("| data set | raw decode x%d | indexed | tar reader | cached | ImageFolder | indexed / raw |" % cores)
-        print("|---|---|---|---|---|---|---|")
+        print("| data set | raw decode x%d | indexed | tar reader | cached | ImageFolder | indexed, batch 256 "
+              "| indexed / raw | same, batch 256 |" % cores)
+        print("|---|---|---|---|---|---|---|---|---|")
         for name in sets:
             raw = best[name, "raw decode"]
             cells = [f"{best[name, w]:,.0f}" if (name, w) in best else "-"
-                     for w in ("raw decode", "indexed", "tar reader", "cached", "ImageFolder")]
-            ratio = best[name, "indexed"] / raw
-            print(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f} ({'PASS' if ratio >= 0.9 else 'FAIL'} >= 0.90) |")
+                     for w in ("raw decode", "indexed", "tar reader", "cached", "ImageFolder", "indexed, batch 256")]
+            ratios = [best[name, w] / raw for w in ("indexed", "indexed, batch 256")]
+            print(f"| {name} | " + " | ".join(cells) + " | "
+                  + " | ".join(f"{r:.2f} ({'PASS' if r >= 0.9 else 'FAIL'} >= 0.90)" for r in ratios) + " |")
         print(f"tar reader / raw: " + ", ".join(f"{n} {best[n, 'tar reader'] / best[n, 'raw decode']:.2f}" for n in sets))
 
         print("\nbytes read per epoch, all slots of 2 ranks x 4 workers, over the shards' size")

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import time
 import warnings
 from contextlib import contextmanager
@@ -286,12 +287,18 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
             truncate_jsonl(run_dir / "metrics.jsonl", state.step)
 
     # Data: this rank's share of the shards, continuing exactly where the checkpoint left off.
-    loader, _, position = make_loader(
+    on_device = data_on_device(cfg.data.device_data, accelerator.device, manifest, cfg.data.split)
+    loader, stream, position = make_loader(
         cfg.data.path, tc.batch_size, seed=tc.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, workers=cfg.data.workers, split=cfg.data.split,
         shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled, cache_mb=cfg.data.cache_mb,
         tracker_state=data_position_for_rank(state.data, accelerator), pin_memory=accelerator.device.type == "cuda",
-        device=accelerator.device if data_on_device(cfg.data.device_data, accelerator.device, manifest, cfg.data.split) else None)
+        device=accelerator.device if on_device else None)
+    # every rank says where it stands: the first place to look when one rank hangs or lags
+    log.info("rank %d/%d on %s (%s): %d shards (%d indexed), %d loader slots, %s", accelerator.process_index,
+             accelerator.num_processes, socket.gethostname(), accelerator.device, len(stream.urls),
+             len(stream.index.indexed), accelerator.num_processes * max(1, cfg.data.workers),
+             "decoded split on the device" if on_device else f"{cfg.data.workers} worker processes")
 
     # Tracking: W&B on the main process, same run id across resumes; metrics.jsonl beside it.
     mode = tracking.wandb_mode(cfg.log.wandb) if accelerator.is_main_process else None
