@@ -64,7 +64,8 @@ def slurm_nodes():
 
 
 def slurm_run(shards, run_dir, preset, steps):
-    args = ["--partition", "debug", "--nodes", "2", "--tasks-per-node", "1", "--time", "60", "--",
+    # --cpus-per-task 1: the two local "nodes" share this machine's cores (a real node has its own)
+    args = ["--partition", "debug", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "60", "--",
             "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir), "--model.width", "16",
             "--train.batch_size", "64", "--train.steps", str(steps), "--train.log_every", "10", "--log.wandb", "off",
             "--train.ckpt_every", str(10 * steps), "--train.sample_every", str(10 * steps)]

@@ -1,4 +1,5 @@
 """The job submitit runs: training under SLURM, handing preemption back to submitit."""
+import os
 import signal
 import time
 
@@ -22,6 +23,14 @@ class TrainTask(submitit.helpers.Checkpointable):
 
         configure_logging()
         env = submitit.JobEnvironment()
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
+            # torch (and Accelerate, from the node's core count) would give every task threads for
+            # every core it can see, which without cgroups is the whole node; SLURM states this
+            # task's share (the environment variable also stops Accelerate's override)
+            os.environ["OMP_NUM_THREADS"] = cpus
+            import torch
+            torch.set_num_threads(int(cpus))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = parse(self.train_args + ["--train.resume", "auto"])
         result = train(cfg)
