@@ -49,9 +49,10 @@ class GANFamily:
         check_policy(model_cfg.diffaug)
         n = num_classes if model_cfg.conditional else 0
         if model_cfg.arch == "seed":
-            G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n), nets.SeedDiscriminator(c, n, size)
-            if size != 28:
-                raise ValueError(f"the seed GAN is the 28x28 notebook model; this data is {size}px (use --preset gan)")
+            if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
+                raise ValueError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
+                                 f"{size}px (use --preset gan)")
+            G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n, size), nets.SeedDiscriminator(c, n, size)
         else:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
             D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
@@ -169,26 +170,30 @@ class VAEFamily:
     def diverging(self, means):
         return None  # a VAE's NLL has no natural scale (it grows with the image size); NaN is caught
 
-    def _elbo_phase(self, batch, step, accelerator):
-        vae = self.modules["vae"]
-        x = batch["image"]
-        labels = batch["label"] if self.cfg.conditional else None
+    def elbo_terms(self, forward, log_sigma, x, labels=None, kl="config"):
+        """Per image, in nats: the reconstruction's negative log-likelihood (on binarised pixels
+        for the Bernoulli tutorial model, on [-1, 1] pixels for the Gaussian one) and the KL term
+        (analytic, or the tutorial's single-sample estimate when configured and kl="config")."""
         if self.cfg.binarize:
             x = (x > 0).to(x.dtype) * 2 - 1  # the tutorial's np.where(x > .5, 1, 0)
-        recon, mean, logvar, z = vae(x, labels)
+        recon, mean, logvar, z = forward(x, labels)
         recon, mean, logvar, z = recon.float(), mean.float(), logvar.float(), z.float()
         if self.cfg.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(recon, (x.float() + 1) / 2, reduction="none").sum(dim=[1, 2, 3])
         else:
-            log_sigma = self.plain["vae"].log_sigma.float().clamp(min=-6.0)
+            log_sigma = log_sigma.float().clamp(min=-6.0)
             nll = (0.5 * ((x.float() - recon) / log_sigma.exp()) ** 2 + log_sigma
                    + 0.5 * math.log(2 * math.pi)).sum(dim=[1, 2, 3])
-        if self.cfg.kl == "mc":  # single-sample estimate log q(z|x) - log p(z), as the tutorial
-            log_q = _log_normal(z, mean, logvar)
-            log_p = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-            kl = log_q - log_p
+        if self.cfg.kl == "mc" and kl == "config":  # single-sample estimate log q(z|x) - log p(z), as the tutorial
+            kl_term = _log_normal(z, mean, logvar) - _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
         else:
-            kl = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)
+            kl_term = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)
+        return nll, kl_term
+
+    def _elbo_phase(self, batch, step, accelerator):
+        labels = batch["label"] if self.cfg.conditional else None
+        # the DDP-wrapped module runs the forward (its hooks); the plain one holds log_sigma
+        nll, kl = self.elbo_terms(self.modules["vae"], self.plain["vae"].log_sigma, batch["image"], labels)
         loss = (nll + self.kl_weight(step) * kl).mean()
         return loss, {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
                       "elbo": -(nll + kl).mean().detach()}

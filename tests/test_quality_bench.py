@@ -1,0 +1,44 @@
+"""bench/quality.py end to end at tiny budgets (the real budgets are a benchmark, not a test), and
+its memorisation check against a brute-force reference."""
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.spatial.distance import cdist
+
+from helpers import ROOT, run
+from gen.metrics import copy_check, nearest_distances
+
+
+def test_nearest_distances_and_copy_check():
+    g = torch.Generator().manual_seed(0)
+    train, held, fresh = (torch.rand(n, 1, 8, 8, generator=g) for n in (300, 100, 100))
+    d = nearest_distances(fresh, train, chunk=7)
+    ref = cdist(fresh.flatten(1).numpy(), train.flatten(1).numpy()).min(axis=1)
+    assert np.allclose(d.numpy(), ref, atol=1e-4)
+    embed = lambda x: x.flatten(1)[:, :16] * 3  # noqa: E731 (any fixed feature map)
+    assert not any(v["copied"] for v in copy_check(fresh, train, held, embed).values())
+    copies = train[:100] + 0.001 * torch.rand(100, 1, 8, 8, generator=g)  # near-duplicates of training images
+    report = copy_check(copies, train, held, embed)
+    assert all(v["copied"] for v in report.values()) and report["pixels"]["samples_median"] < 0.01
+
+
+def test_quality_bench_tiny_runs_every_stage(tmp_path):
+    proc = run([str(ROOT / "bench" / "quality.py"), "--tiny", "--out", str(tmp_path)], timeout=900)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1 = a model flagged as copying (printed)
+    rows = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["data"], r["preset"]) for r in rows] == [
+        ("mnist", "seed-gan"), ("mnist", "gan"), ("mnist", "seed-vae"), ("mnist", "vae"),
+        ("pokemon", "seed-gan"), ("pokemon", "gan-small-data")]
+    for r in rows:
+        assert r["images"] >= 64 and r["train_s"] > 0
+        assert math.isfinite(r["scores"]["model"]["fid"]) and r["floor"]["fid"] < r["scores"]["model"]["fid"]
+        assert set(r["scores"]["copy"]) == {"pixels", "features"}
+        assert ("test_elbo" in r["scores"]) == r["preset"].endswith("vae")
+    table = (tmp_path / "quality.md").read_text()
+    assert "gan vs seed-gan" in table and "gan-small-data vs seed-gan" in table
+    assert Image.open(tmp_path / "grid-mnist.png").size[0] > 4 * Image.open(tmp_path / "grid-mnist.png").size[1]
+    assert Image.open(tmp_path / "grid-pokemon.png").size[0] > 2.5 * Image.open(tmp_path / "grid-pokemon.png").size[1]
