@@ -172,9 +172,15 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
     t0 = time.perf_counter()
     ev = Evaluator(data, n=n, space=space, seed=seed, inception_weights=inception_weights, device=device)
     t1 = time.perf_counter()
+    extra = {}
+    if g.is_vae:  # scored with the ex-post latent mixture (the default for sampling), and beside it N(0, I)
+        from .latent_prior import load_or_fit
+        extra["model_normal_prior"] = ev.score(g.sample(ev.n, seed=seed + 1000))
+        g.prior = load_or_fit(g, run, data, seed=seed)
+        extra["prior"] = g.prior_name
     model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
     results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,
-               "seed": seed, "truncation": truncation, "model": model, "floors": ev.floors,
+               "seed": seed, "truncation": truncation, "model": model, **extra, "floors": ev.floors,
                "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
                                                          "sample_and_score": round(time.perf_counter() - t1, 1)}}
     out = run_dir_of(run) / "eval"

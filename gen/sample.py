@@ -56,8 +56,16 @@ class Sampler:
         self.class_names = meta.get("class_names")
         self.shape = tuple(meta["shape"])
         self.is_vae = cfg.model.family == "vae"
+        self.prior = None  # a VAE's ex-post latent density (gen.latent_prior); None: N(0, I)
+
+    @property
+    def prior_name(self):
+        return "N(0, I)" if self.prior is None else f"ex-post mixture ({len(self.prior['weights'])} Gaussians)"
 
     def latents(self, n, seed=0, truncation=None):
+        if self.prior is not None:
+            from .latent_prior import sample
+            return sample(self.prior, n, torch.Generator().manual_seed(seed))
         return truncated_normal((n, self.latent_dim), truncation, torch.Generator().manual_seed(seed))
 
     def default_labels(self, n):

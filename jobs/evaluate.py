@@ -22,7 +22,9 @@ ROWS = [("fid", "FID", "{:.3f}"), ("kid_mean", "KID", "{:.4f}"), ("precision", "
 
 def table(results):
     """The console table: the run beside real-vs-real, blurred real and noise."""
-    cols = [("this run", results["model"])] + [(k.replace("_", " "), v) for k, v in results["floors"].items()]
+    cols = [("this run", results["model"])] + ([("N(0, I) prior", results["model_normal_prior"])]
+                                               if "model_normal_prior" in results else [])
+    cols += [(k.replace("_", " "), v) for k, v in results["floors"].items()]
     lines = [f"{'':16}" + "".join(f"{name:>18}" for name, _ in cols)]
     for key, label, fmt in ROWS:
         if key not in results["model"]:
@@ -64,7 +66,8 @@ def main(argv=None):
         return 1
     out = run_dir_of(args.run) / "eval"
     model = results["model"]
-    print(f"{Path(args.run)} at step {results['step']}: n={ev.n}, features: {ev.space}")
+    print(f"{Path(args.run)} at step {results['step']}: n={ev.n}, features: {ev.space}"
+          + (f"; VAE latents from the {results['prior']}" if "prior" in results else ""))
     print(table(results))
     if ev.labeled:
         names = ev.domain_info.get("class_names") or []

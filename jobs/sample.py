@@ -4,6 +4,7 @@
     python -m jobs.sample runs/pokemon-vae/checkpoints/checkpoint-0020000 --n 100 --seed 3
     python -m jobs.sample runs/mnist-gan --npz samples.npz --n 50000      # for external FID tools
     python -m jobs.sample runs/mnist-gan --truncation 1.0                 # GAN truncation trick
+    python -m jobs.sample runs/mnist-vae --prior normal                   # VAE: N(0, I) instead of the ex-post mixture
 
 The model is rebuilt from the config and safetensors weights alone (EMA weights when kept).
 Writes samples.png (the first 256 at most), interpolations.png and .gif (slerp paths),
@@ -28,6 +29,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="interpolation steps per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truncation", type=float, default=None, help="GAN: redraw latents beyond this |z| (e.g. 1.0)")
+    p.add_argument("--prior", choices=("auto", "normal"), default="auto",
+                   help="VAE latents: auto = the ex-post mixture fitted on the training latents (gen.latent_prior); normal = N(0, I)")
+    p.add_argument("--data", default=None, help="VAE: shards to fit the ex-post mixture on (default: the run's data)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
@@ -38,6 +42,9 @@ def main(argv=None):
     if args.truncation is not None and g.is_vae:
         print("error: --truncation is for GANs", file=sys.stderr)
         return 1
+    if g.is_vae and args.prior == "auto":
+        from gen.latent_prior import load_or_fit
+        g.prior = load_or_fit(g, args.run, args.data)
     run = Path(args.run)
     out = Path(args.out or (run / "final" if (run / "checkpoints").is_dir()
                             else run.parent.parent / "final" if run.parent.name == "checkpoints" else run / "final"))
@@ -45,7 +52,7 @@ def main(argv=None):
     if args.npz:
         write_npz(g, Path(args.npz), args.n, args.seed, args.truncation)
         written.append(str(args.npz))
-    print(f"wrote {', '.join(written)} to {out}")
+    print(f"wrote {', '.join(written)} to {out}" + (f" (latents from {g.prior_name})" if g.is_vae else ""))
     return 0
 
 

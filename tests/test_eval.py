@@ -223,3 +223,51 @@ def test_unlabeled_data_gets_a_contrastive_domain_network(tmp_path):
     floors = out["floors"]
     assert floors["real_vs_real"]["fid"] < 0.5 * floors["blurred_real"]["fid"] < floors["noise"]["fid"], floors
     assert "legibility" not in floors["real_vs_real"]
+
+
+def test_latent_mixture_recovers_a_known_mixture():
+    from gen.latent_prior import fit, sample
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[4.0, 0.0, 1.0], [-3.0, 2.0, 0.0]])
+    tril = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0], [0, 0, 0.2]], [[0.3, 0, 0], [0, 2.0, 0], [0.1, 0.1, 1.0]]])
+    weights = torch.tensor([0.7, 0.3])
+    truth = {"weights": weights, "means": means, "scale_tril": tril}
+    prior = fit(sample(truth, 6000, g), components=2)
+    covs = tril @ tril.transpose(1, 2)
+    order = [int((prior["means"] - m).norm(dim=1).argmin()) for m in means]  # fitted component of each true one
+    assert sorted(order) == [0, 1]
+    fitted_covs = prior["scale_tril"] @ prior["scale_tril"].transpose(1, 2)
+    for k, j in enumerate(order):
+        assert (prior["means"][j] - means[k]).abs().max() < 0.1
+        assert (fitted_covs[j] - covs[k]).abs().max() < 0.1 * covs[k].abs().max()
+        assert abs(prior["weights"][j] - weights[k]) < 0.02
+    # draws from the fit have the true mixture's moments (written out)
+    drawn = sample(prior, 40000, g)
+    mean = (weights[:, None] * means).sum(0)
+    second = (weights[:, None, None] * (covs + means[:, :, None] * means[:, None, :])).sum(0)
+    total = second - torch.outer(mean, mean)
+    assert (drawn.mean(0) - mean).abs().max() < 0.05
+    assert (torch.cov(drawn.T) - total).abs().max() < 0.03 * total.abs().max()
+
+
+def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_path):
+    from gen import features as feats
+    from gen.latent_prior import load_or_fit
+    from gen.sample import load_generator
+    shards, env, _ = eval_env
+    proc = run(["-m", "jobs.sample", str(vae_run), "--out", str(tmp_path / "v")], env=env, check=True)
+    assert "latents from ex-post mixture" in proc.stdout
+    assert list((vae_run / "latent_prior").glob("step-*.safetensors"))
+    g = load_generator(vae_run)
+    g.prior = load_or_fit(g, vae_run)  # from the cache
+    x, labels = feats.load_real(shards, "train", seed=0)
+    z = g.encode(feats.to_float(x), labels)  # the aggregate posterior's means, the mixture's target
+    drawn = g.latents(20000, seed=1)
+    assert (drawn.mean(0) - z.mean(0)).abs().max() < 0.1 * z.std(0).max()
+    assert (torch.cov(drawn.T) - torch.cov(z.T)).abs().max() < 0.1 * torch.cov(z.T).abs().max()
+    normal = run(["-m", "jobs.sample", str(vae_run), "--prior", "normal", "--out", str(tmp_path / "n")], env=env, check=True)
+    assert "N(0, I)" in normal.stdout
+    ev = run(["-m", "jobs.evaluate", str(vae_run), "--n", "300", "--no-wandb"], env=env, check=True)
+    assert "N(0, I) prior" in ev.stdout and "ex-post mixture" in ev.stdout
+    results = json.loads((vae_run / "eval/metrics.json").read_text())
+    assert results["model"]["fid"] != results["model_normal_prior"]["fid"]
