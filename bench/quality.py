@@ -13,8 +13,8 @@ coverage, legibility and class balance (labeled data), test-set ELBO (VAEs, nats
 model's own likelihood; VAEs sampled from their ex-post latent mixture, the default, and also
 scored from N(0, I)), the real-vs-real floor, and the memorisation check (each sample's
 distance to its nearest training image vs the same for held-out real images, in pixels and
-features; a model whose samples sit closer than new real images is reported as COPYING and the
-bench exits 1). Writes OUT/quality.md, OUT/quality.json and OUT/grid-{data}.png (real | baseline
+features; a model whose samples sit closer than new real images, by more than 10 %, is
+reported as COPYING and the bench exits 1). Writes OUT/quality.md, OUT/quality.json and OUT/grid-{data}.png (real | baseline
 | preset)."""
 import argparse
 import json

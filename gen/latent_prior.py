@@ -28,8 +28,9 @@ def fit(latents, components=COMPONENTS, seed=0):
     gm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, max_iter=300, random_state=seed)
     gm.fit(latents.double().numpy())
     covariances = torch.from_numpy(gm.covariances_)
-    return {"weights": torch.from_numpy(gm.weights_).float(), "means": torch.from_numpy(gm.means_).float(),
-            "scale_tril": torch.linalg.cholesky(covariances).float()}
+    return {"weights": torch.from_numpy(gm.weights_).float().contiguous(),
+            "means": torch.from_numpy(gm.means_).float().contiguous(),
+            "scale_tril": torch.linalg.cholesky(covariances).float().contiguous()}
 
 
 def sample(prior, n, generator):

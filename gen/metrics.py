@@ -196,11 +196,12 @@ def nearest_distances(queries, references, chunk=1000):
                       for i in range(0, len(queries), chunk)])
 
 
-def copy_check(samples, train, held_out, embed):
+def copy_check(samples, train, held_out, embed, tolerance=0.1):
     """Memorisation check: each sample's distance to its nearest training image, beside the same
     for real images the model never saw, in pixels and in `embed`'s features. A model that
     copies puts samples closer to the training set than new real images are; `copied` is True
-    when the samples' 5th percentile or median lies below the held-out images'."""
+    when the samples' 5th percentile or median lies more than `tolerance` (10 %: the sampling
+    noise of a 5th percentile over a few hundred held-out images) below the held-out images'."""
     out = {}
     for space, f in (("pixels", lambda x: x), ("features", embed)):
         train_f = f(train)
@@ -209,5 +210,5 @@ def copy_check(samples, train, held_out, embed):
         s5, s50 = torch.quantile(d_samples, q).tolist()
         h5, h50 = torch.quantile(d_held, q).tolist()
         out[space] = {"samples_p5": s5, "samples_median": s50, "held_out_p5": h5, "held_out_median": h50,
-                      "copied": s5 < h5 or s50 < h50}
+                      "copied": s5 < (1 - tolerance) * h5 or s50 < (1 - tolerance) * h50}
     return out
