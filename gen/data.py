@@ -28,7 +28,6 @@ Small data sets can live on the accelerator (`DeviceData`): the decoded split as
 batch gathered there by sample id, in the same order and positions as the worker processes
 would deliver them, so checkpoints resume the same on either path.
 """
-import hashlib
 import logging
 import os
 import random
@@ -44,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_png
 
-from .shard_format import DataError, parse_index, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
+from .shard_format import DataError, SplitIndex, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
 
 log = logging.getLogger("gen.data")
 OPEN_SHARDS = 64  # file descriptors kept open per worker for indexed reads
@@ -76,54 +75,6 @@ def read_bytes_so_far():
 
 class DecodeError(ValueError):
     """A sample that failed to decode, remembered in the cache so every epoch skips it again."""
-
-
-class SplitIndex:
-    """The indexes of one split's shards, reduced to what the loader reads. Row `id` (the global
-    sample id: shard base + position in the shard) holds the byte span covering the sample's png
-    and cls members and where each lies in it. numpy arrays: forked workers share their pages."""
-
-    def __init__(self, root, shards, base, rank=0):
-        # per sample: span start, span length, png at (in the span), png size, cls at (-1: none), cls size, shard
-        self.spans = np.zeros((sum(n for _, n, _ in shards), 7), dtype=np.int64)
-        self.keys = np.zeros(len(self.spans), dtype="S32")
-        self.indexed, self.index_bytes, stale = set(), 0, []
-        for number, (url, count, record) in enumerate(shards):
-            problem = self._load(url, count, record, base[url], number) if record else "no index"
-            if problem:
-                stale.append(f"{Path(url).name} ({problem})")
-            else:
-                self.indexed.add(url)
-        if stale and len(stale) < len(shards) and rank == 0:
-            log.warning("%d of %d shards are streamed without their index: %s%s (python -m data_prep index %s "
-                        "rewrites them)", len(stale), len(shards), ", ".join(stale[:3]), " ..." if len(stale) > 3 else "",
-                        root)
-
-    def _load(self, url, count, record, base, number):
-        path = Path(url).with_name(record["name"])
-        try:
-            if os.path.getsize(url) != record["tar_bytes"]:
-                return "the tar changed size since it was indexed"
-            text = path.read_bytes()
-        except OSError as e:
-            return f"{type(e).__name__}"
-        self.index_bytes += len(text)
-        if hashlib.sha256(text).hexdigest() != record["sha256"]:
-            return "index sha256 differs from the manifest"
-        try:
-            samples, keys = parse_index(text.decode(), path.name)
-        except (DataError, UnicodeDecodeError) as e:
-            return str(e)
-        if len(samples) != count or any("png" not in s for s in samples):
-            return "index does not match the manifest"
-        for i, (sample, key) in enumerate(zip(samples, keys)):
-            png, cls = sample["png"], sample.get("cls", (-1, 0))
-            start = min(png[0], cls[0]) if cls[0] >= 0 else png[0]
-            end = max(png[0] + png[1], cls[0] + cls[1])
-            self.spans[base + i] = (start, end - start, png[0] - start, png[1], cls[0] - start if cls[0] >= 0 else -1,
-                                    cls[1], number)
-            self.keys[base + i] = key.encode()
-        return None
 
 
 class ShardStream(IterableDataset):
@@ -322,48 +273,6 @@ def _stack(items):
             "label": torch.tensor(labels, dtype=torch.long), "key": list(keys)}
 
 
-class DeviceData:
-    """A small decoded split kept on `device` as uint8, batches gathered there by sample id. It
-    runs the same logical-worker streams as the DataLoader would (`ShardStream.batches` on ids)
-    and interleaves them in the DataLoader's round-robin order, so batches, positions and resume
-    are the CPU path's; no worker processes, no host-to-device copy per batch. For training's
-    infinite streams (a finite stream's last batches may be ordered differently)."""
-
-    def __init__(self, stream, device):
-        self.stream, self.device = stream, torch.device(device)
-        n, c, s = stream.num_samples, stream.channels, stream.size
-        images = torch.zeros((n, c, s, s), dtype=torch.uint8)
-        labels = torch.full((n,), -1, dtype=torch.long)
-        self.keys, self.valid = [None] * n, np.zeros(n, dtype=bool)
-        stream.cache, stats = {}, {"skipped": 0, "warned": 0}  # one full read; streamed shards become `known`
-        for url in stream.urls:
-            for sample_id in stream._read_shard(url, stats):
-                decoded = stream._decode_or_error(sample_id)
-                if not isinstance(decoded, DecodeError):
-                    images[sample_id], labels[sample_id], self.keys[sample_id] = decoded
-                    self.valid[sample_id] = True
-        stream.cache = None
-        self.images, self.labels = images.to(self.device), labels.to(self.device)
-
-    def _resolve(self, sample_id):
-        return sample_id if self.valid[sample_id] else DecodeError(f"corrupt sample id {sample_id} skipped")
-
-    def _gather(self, ids):
-        index = torch.tensor(ids, device=self.device)
-        return {"image": self.images.index_select(0, index), "label": self.labels.index_select(0, index),
-                "key": [self.keys[i] for i in ids]}
-
-    def __iter__(self):
-        w = self.stream.num_workers
-        streams = [self.stream.batches((p + self.stream.rotation) % w, self._resolve, self._gather) for p in range(w)]
-        while streams:
-            for s in list(streams):
-                try:
-                    yield next(s)
-                except StopIteration:
-                    streams.remove(s)
-
-
 def _shuffle(samples, bufsize, rng):
     """Seeded shuffle buffer (webdataset's, but with an rng we own so the order is reproducible)."""
     buf = []
@@ -473,6 +382,7 @@ def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split
     stream = ShardStream(root, split, batch_size, seed, rank, world_size, workers, shuffle_buffer, resampled,
                          epochs, **tracker.resume_args(), cache_mb=cache_mb, use_index=use_index)
     if device is not None:
+        from .device_data import DeviceData
         return FloatBatches(DeviceData(stream, device)), stream, tracker
     if workers > 0:
         # Batches cross from workers as shared-memory files named in the pickle, not as file

@@ -1,14 +1,20 @@
 """The shard format, owned here and imported by both the prep tool and the library: the manifest,
-a split's shard list, the one error type, and atomic writes. Nothing here imports PIL, torch
-or multiprocessing, so reading shards never pulls in the prep tool.
+a split's shard list, the one error type, atomic writes, and the per-shard index (writing it,
+and reading a split's indexes into arrays for the loader). Nothing here imports PIL, torch or
+multiprocessing, so reading shards never pulls in the prep tool.
 
-A shard folder holds `{split}-{i:06d}.tar` (members `KEY.png`, `KEY.cls`, `KEY.json`) and
-`manifest.json` (format, counts per split and class, image size, channels, class names, each
-shard's name, count and sha256)."""
+A shard folder holds `{split}-{i:06d}.tar` (members `KEY.png`, `KEY.cls`, `KEY.json`), each
+tar's index `{split}-{i:06d}.idx`, and `manifest.json` (format, counts per split and class,
+image size, channels, class names, each shard's name, count and sha256, and its index's)."""
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
+
+import numpy as np
+
+_log = logging.getLogger("gen.data")
 
 MANIFEST = "manifest.json"
 FORMAT = "deepgen-shards/1"
@@ -143,3 +149,51 @@ def write_index(tar_path, members=None):
     atomic_write_bytes(out, text)
     return {"name": out.name, "sha256": hashlib.sha256(text).hexdigest(), "tar_bytes": tar_path.stat().st_size,
             "count": int(text.split(b"\n", 1)[0].split()[1])}
+
+
+class SplitIndex:
+    """The indexes of one split's shards, reduced to what the loader reads. Row `id` (the global
+    sample id: shard base + position in the shard) holds the byte span covering the sample's png
+    and cls members and where each lies in it. numpy arrays: forked workers share their pages."""
+
+    def __init__(self, root, shards, base, rank=0):
+        # per sample: span start, span length, png at (in the span), png size, cls at (-1: none), cls size, shard
+        self.spans = np.zeros((sum(n for _, n, _ in shards), 7), dtype=np.int64)
+        self.keys = np.zeros(len(self.spans), dtype="S32")
+        self.indexed, self.index_bytes, stale = set(), 0, []
+        for number, (url, count, record) in enumerate(shards):
+            problem = self._load(url, count, record, base[url], number) if record else "no index"
+            if problem:
+                stale.append(f"{Path(url).name} ({problem})")
+            else:
+                self.indexed.add(url)
+        if stale and len(stale) < len(shards) and rank == 0:
+            _log.warning("%d of %d shards are streamed without their index: %s%s (python -m data_prep index %s "
+                        "rewrites them)", len(stale), len(shards), ", ".join(stale[:3]), " ..." if len(stale) > 3 else "",
+                        root)
+
+    def _load(self, url, count, record, base, number):
+        path = Path(url).with_name(record["name"])
+        try:
+            if os.path.getsize(url) != record["tar_bytes"]:
+                return "the tar changed size since it was indexed"
+            text = path.read_bytes()
+        except OSError as e:
+            return f"{type(e).__name__}"
+        self.index_bytes += len(text)
+        if hashlib.sha256(text).hexdigest() != record["sha256"]:
+            return "index sha256 differs from the manifest"
+        try:
+            samples, keys = parse_index(text.decode(), path.name)
+        except (DataError, UnicodeDecodeError) as e:
+            return str(e)
+        if len(samples) != count or any("png" not in s for s in samples):
+            return "index does not match the manifest"
+        for i, (sample, key) in enumerate(zip(samples, keys)):
+            png, cls = sample["png"], sample.get("cls", (-1, 0))
+            start = min(png[0], cls[0]) if cls[0] >= 0 else png[0]
+            end = max(png[0] + png[1], cls[0] + cls[1])
+            self.spans[base + i] = (start, end - start, png[0] - start, png[1], cls[0] - start if cls[0] >= 0 else -1,
+                                    cls[1], number)
+            self.keys[base + i] = key.encode()
+        return None
