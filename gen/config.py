@@ -23,7 +23,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     family: Literal["gan", "vae"] = "gan"
-    arch: Literal["seed", "deep"] = "deep"  # seed: faithful ports of the notebook GAN / TF CVAE tutorial
+    # seed: faithful ports of the notebook GAN / TF CVAE tutorial; deep: residual nets; dcgan (GAN
+    # only): DCGAN generator + the SN-GAN paper's CNN discriminator, cheaper per image
+    arch: Literal["seed", "deep", "dcgan"] = "deep"
     latent_dim: int = 128
     width: int = 64                 # base channel count of the deep nets
     conditional: bool = False       # class-conditional on the shards' labels

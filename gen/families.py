@@ -53,6 +53,9 @@ class GANFamily:
                 raise ValueError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
                                  f"{size}px (use --preset gan)")
             G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n, size), nets.SeedDiscriminator(c, n, size)
+        elif model_cfg.arch == "dcgan":
+            G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n)
+            D = nets.DCDiscriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
         else:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
             D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
@@ -147,6 +150,8 @@ class VAEFamily:
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         n = num_classes if model_cfg.conditional else 0
+        if model_cfg.arch == "dcgan":
+            raise ValueError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
         if model_cfg.arch == "seed":
             if size != 28:
                 raise ValueError(f"the seed VAE is the 28x28 tutorial model; this data is {size}px (use --preset vae)")

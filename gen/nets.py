@@ -194,6 +194,54 @@ class Discriminator(nn.Module):
         return out
 
 
+class DCGenerator(nn.Module):
+    """DCGAN generator (Radford et al. 2016): dense to the smallest map, stride-2 transposed
+    convs with BatchNorm and ReLU, tanh. One conv per level: cheaper per image than `Generator`."""
+
+    def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
+        super().__init__()
+        base, levels = pyramid(size)
+        c0 = _channels(width, 0, levels)
+        self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        layers = [nn.Linear(latent_dim, c0 * base ** 2), nn.Unflatten(1, (c0, base, base)), nn.BatchNorm2d(c0), nn.ReLU()]
+        for i in range(levels):
+            cin, cout = _channels(width, i, levels), _channels(width, i + 1, levels)
+            layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1), nn.Tanh())
+
+    def forward(self, z, labels=None):
+        if self.label_embed is not None:
+            z = z * self.label_embed(labels)
+        return self.net(z)
+
+
+class DCDiscriminator(nn.Module):
+    """The SN-GAN paper's standard CNN discriminator (Miyato et al. 2018): per level a 3x3 conv
+    and a stride-2 4x4 conv, spectral norm, LeakyReLU 0.1, a dense output (+ projection)."""
+
+    def __init__(self, channels, size, width=64, num_classes=0, sn=True):
+        super().__init__()
+        base, levels = pyramid(size)
+        wrap = _sn if sn else (lambda m: m)
+        layers, c = [], channels
+        for i in reversed(range(levels)):
+            cout = _channels(width, i, levels)
+            layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), nn.LeakyReLU(0.1),
+                       wrap(nn.Conv2d(cout // 2, cout, 4, 2, 1)), nn.LeakyReLU(0.1)]
+            c = cout
+        self.features = nn.Sequential(*layers, wrap(nn.Conv2d(c, c, 3, 1, 1)), nn.LeakyReLU(0.1), nn.Flatten())
+        flat = c * base * base
+        self.out = wrap(nn.Linear(flat, 1))
+        self.label_embed = wrap(nn.Embedding(num_classes, flat)) if num_classes else None
+
+    def forward(self, x, labels=None):
+        h = self.features(x)
+        out = self.out(h).squeeze(1)
+        if self.label_embed is not None:
+            out = out + (self.label_embed(labels) * h).sum(1)
+        return out
+
+
 class Encoder(nn.Module):
     def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
         super().__init__()
