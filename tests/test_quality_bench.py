@@ -38,6 +38,8 @@ def test_quality_bench_tiny_runs_every_stage(tmp_path):
         assert math.isfinite(r["scores"]["model"]["fid"]) and r["floor"]["fid"] < r["scores"]["model"]["fid"]
         assert set(r["scores"]["copy"]) == {"pixels", "features"}
         assert ("test_elbo" in r["scores"]) == r["preset"].endswith("vae")
+    manifest = json.loads((tmp_path / "mnist" / "manifest.json").read_text())
+    assert all(len(manifest["splits"][split]["per_class"]) == 10 for split in ("train", "test"))  # every digit held out
     table = (tmp_path / "quality.md").read_text()
     assert "gan vs seed-gan" in table and "gan-small-data vs seed-gan" in table
     assert Image.open(tmp_path / "grid-mnist.png").size[0] > 4 * Image.open(tmp_path / "grid-mnist.png").size[1]
