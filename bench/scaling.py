@@ -37,14 +37,19 @@ BACKWARD_SHARE = 2 / 3        # of a phase's compute: the part an all-reduce can
 D_PHASE_SHARE = 0.5           # GAN: D's phase of the step's compute (D fwd/bwd on real + fake)
 
 
+def train_args(shards, run_dir, preset, steps):
+    """jobs.train at the README's CPU settings, logging every 10 steps, no checkpoint or grid on the way."""
+    return ["--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir), "--model.width", "16",
+            "--train.batch_size", "64", "--train.steps", str(steps), "--train.log_every", "10", "--log.wandb", "off",
+            "--train.ckpt_every", str(10 * steps), "--train.sample_every", str(10 * steps)]
+
+
 def cpu_run(shards, run_dir, preset, steps, ranks):
     cmd = [sys.executable, "-m", "jobs.train"] if ranks == 1 else \
           [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
            "-m", "jobs.train"]
-    cmd += ["--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir), "--model.width", "16",
-            "--train.batch_size", "64", "--train.steps", str(steps), "--train.log_every", "10", "--log.wandb", "off",
-            "--train.ckpt_every", str(10 * steps), "--train.sample_every", str(10 * steps)]
+    cmd += train_args(shards, run_dir, preset, steps)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     return per_rank_rate(run_dir, ranks)
 
@@ -66,9 +71,7 @@ def slurm_nodes():
 def slurm_run(shards, run_dir, preset, steps):
     # --cpus-per-task 1: the two local "nodes" share this machine's cores (a real node has its own)
     args = ["--partition", "debug", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "60", "--",
-            "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir), "--model.width", "16",
-            "--train.batch_size", "64", "--train.steps", str(steps), "--train.log_every", "10", "--log.wandb", "off",
-            "--train.ckpt_every", str(10 * steps), "--train.sample_every", str(10 * steps)]
+            *train_args(shards, run_dir, preset, steps)]
     out = subprocess.run([sys.executable, "-m", "slurm.submit", *args], check=True, capture_output=True, text=True,
                          cwd=ROOT).stdout
     job = re.search(r"submitted job (\d+)", out).group(1)

@@ -91,7 +91,6 @@ class ShardStream(IterableDataset):
         self.base, total = {}, 0      # global sample ids: shard url holds [base, base + count)
         for url, n in shards:
             self.base[url], total = total, total + n
-        self.bases = np.array([self.base[u] for u in self.urls])
         self.names = [Path(u).name for u in self.urls]
         self.size, self.channels = manifest["image_size"], manifest["channels"]
         self.class_names = manifest.get("class_names")

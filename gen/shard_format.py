@@ -160,7 +160,7 @@ class SplitIndex:
         # per sample: span start, span length, png at (in the span), png size, cls at (-1: none), cls size, shard
         self.spans = np.zeros((sum(n for _, n, _ in shards), 7), dtype=np.int64)
         self.keys = np.zeros(len(self.spans), dtype="S32")
-        self.indexed, self.index_bytes, stale = set(), 0, []
+        self.indexed, stale = set(), []
         for number, (url, count, record) in enumerate(shards):
             problem = self._load(url, count, record, base[url], number) if record else "no index"
             if problem:
@@ -180,7 +180,6 @@ class SplitIndex:
             text = path.read_bytes()
         except OSError as e:
             return f"{type(e).__name__}"
-        self.index_bytes += len(text)
         if hashlib.sha256(text).hexdigest() != record["sha256"]:
             return "index sha256 differs from the manifest"
         try:
