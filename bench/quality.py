@@ -2,7 +2,7 @@
 same number of images seen, and scored the same way (jobs.evaluate's domain features).
 
     python bench/quality.py                                  # CPU budgets (see --help), ~1 h on 2 cores
-    python bench/quality.py --mnist-images 775000            # the notebooks' budget
+    python bench/quality.py --mnist-images 775000 --vae-images 600000   # the notebooks' budgets
     python bench/quality.py --mnist-data data/fashion        # Fashion-MNIST shards (with a test split)
     python bench/quality.py --tiny --out /tmp/q              # smoke test: every stage, tiny budgets (Pokémon at 32 px)
 
@@ -33,7 +33,7 @@ POKEMON_ZIP = ROOT.parent / "shared" / "datasets" / "pokemon-819-128px.zip"
 CPU = ["--model.width", "16", "--train.batch_size", "64"]
 PAIRS = {
     "mnist": [("seed-gan", [], "gan", CPU), ("seed-vae", [], "vae", CPU)],
-    "pokemon": [("seed-gan", [], "gan-small-data", ["--model.width", "32", "--train.batch_size", "32"])],
+    "pokemon": [("seed-gan", [], "gan-small-data", ["--model.width", "16", "--train.batch_size", "32"])],
 }
 TINY = ["--model.width", "8", "--train.batch_size", "16"]
 
@@ -154,6 +154,7 @@ def main():
     p.add_argument("--out", default="bench-quality")
     p.add_argument("--mnist-data", default=None, help="MNIST-like shards with train and test splits (default: offline digits)")
     p.add_argument("--mnist-images", type=int, default=200_000, help="images seen per MNIST run")
+    p.add_argument("--vae-images", type=int, default=None, help="images seen per MNIST VAE run (default: --mnist-images)")
     p.add_argument("--pokemon-images", type=int, default=40_000, help="images seen per Pokémon run")
     p.add_argument("--n", type=int, default=2000, help="samples and real images per evaluation")
     p.add_argument("--only", choices=sorted(PAIRS), default=None)
@@ -162,7 +163,7 @@ def main():
     if args.tiny:
         os.environ.setdefault("DEEPGEN_DOMAIN_STEPS", "30")
         os.environ.setdefault("DEEPGEN_CACHE", str(Path(args.out) / "cache"))
-        args.mnist_images, args.pokemon_images, args.n = 96, 64, 100
+        args.mnist_images, args.vae_images, args.pokemon_images, args.n = 96, None, 64, 100
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from gen import features as feats
@@ -173,13 +174,15 @@ def main():
         if args.only and name != args.only:
             continue
         data = mnist_shards(out, args.mnist_data) if name == "mnist" else pokemon_shards(out, 32 if args.tiny else 64)
-        images = args.mnist_images if name == "mnist" else args.pokemon_images
         ev = Evaluator(str(data), n=args.n, space="domain", seed=0, progress=False)
         columns = []
         for base, base_extra, ours, ours_extra in pairs:
             for preset, extra in ((base, base_extra), (ours, ours_extra)):
+                images = args.mnist_images if name == "mnist" else args.pokemon_images
                 extra = extra + TINY if args.tiny else extra
                 run_dir = out / "runs" / f"{name}-{preset}"
+                if name == "mnist" and preset.endswith("vae") and args.vae_images:
+                    images = args.vae_images
                 print(f"{name}: training {preset} for {images:,} images ...", flush=True)
                 facts = train(run_dir, data, preset, extra, images)
                 scores, grid = score(run_dir, data, args.n, ev)
