@@ -141,7 +141,10 @@ def test_every_written_file_decodes(eval_env, gan_run, vae_run, tmp_path):
     run(["-m", "jobs.sample", str(gan_run), "--out", str(tmp_path / "g"), "--npz", str(tmp_path / "g.npz"),
          "--n", "1200", "--truncation", "1.0"], env=env, check=True)
     arr = np.load(tmp_path / "g.npz")["arr_0"]
-    assert arr.shape == (1200, 28, 28, 1) and arr.dtype == np.uint8 and arr.std() > 10
+    assert arr.shape == (1200, 28, 28, 1) and arr.dtype == np.uint8
+    # 1,200 different images with strokes in them (this 200-step GAN's digits are still faint)
+    flat = arr.reshape(1200, -1)
+    assert len(np.unique(flat, axis=0)) == 1200 and flat.std(axis=1).mean() > 5
     assert Image.open(tmp_path / "g/samples.png").size == (16 * 30 + 2, 16 * 30 + 2)  # 256 of 1200, 16 per row
     gif = Image.open(tmp_path / "g/interpolations.gif")
     assert gif.n_frames == 2 * 10 - 2  # 10 steps forward, then back without repeating the ends
