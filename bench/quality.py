@@ -178,11 +178,10 @@ def main():
         columns = []
         for base, base_extra, ours, ours_extra in pairs:
             for preset, extra in ((base, base_extra), (ours, ours_extra)):
-                images = args.mnist_images if name == "mnist" else args.pokemon_images
+                images = (args.pokemon_images if name == "pokemon" else
+                          args.vae_images or args.mnist_images if preset.endswith("vae") else args.mnist_images)
                 extra = extra + TINY if args.tiny else extra
                 run_dir = out / "runs" / f"{name}-{preset}"
-                if name == "mnist" and preset.endswith("vae") and args.vae_images:
-                    images = args.vae_images
                 print(f"{name}: training {preset} for {images:,} images ...", flush=True)
                 facts = train(run_dir, data, preset, extra, images)
                 scores, grid = score(run_dir, data, args.n, ev)
