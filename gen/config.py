@@ -141,7 +141,7 @@ PRESETS = {
 # small data sets (the 819 Pokémon): DiffAugment with all three ops keeps D from memorising. At
 # gan's 5e-4/1e-3 (and at 2e-4/4e-4 with R1 1.0) D went flat on the Pokémon within ~200 steps
 # (D(real) = D(fake), hinge loss 2.0) and G collapsed; slower, DCGAN-style Adam (beta1 0.5) kept
-# D separating in the same check
+# D separating longer, but G still collapses on the Pokémon at 30k images (docs/quality.md)
 PRESETS["gan-small-data"] = dataclasses.replace(
     PRESETS["gan"], model=dataclasses.replace(PRESETS["gan"].model, diffaug=("color", "translation", "cutout"), r1_gamma=0.1),
     optim=dataclasses.replace(PRESETS["gan"].optim, lr=2e-4, lr_d=2e-4, betas=(0.5, 0.99)))
