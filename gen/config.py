@@ -32,6 +32,9 @@ class ModelConfig:
     # gan
     gan_loss: Literal["hinge", "nonsat"] = "hinge"
     spectral_norm: bool = True      # in D
+    # BatchNorm in D, reals and fakes in separate passes (DCGAN): D sees each batch's spread, so a
+    # G that sends every z to one image is caught; on the 819 Pokemon every norm-free D let G collapse
+    d_batchnorm: bool = False
     r1_gamma: float = 0.0           # R1 penalty on reals; 0 = off
     r1_every: int = 4               # lazy R1: every N steps, scaled by N
     # alternating: D steps, then G through the updated D (stylegan2-ada); simultaneous: one forward,

@@ -55,10 +55,10 @@ class GANFamily:
             G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n, size), nets.SeedDiscriminator(c, n, size)
         elif model_cfg.arch == "dcgan":
             G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n)
-            D = nets.DCDiscriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
+            D = nets.DCDiscriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm)
         else:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
-            D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm)
+            D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm)
         if optim_cfg.optimizer_d == "rmsprop":
             # Keras' RMSprop: rho 0.9 (torch's default alpha is 0.99)
             opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, alpha=0.9, eps=optim_cfg.eps,
@@ -92,6 +92,14 @@ class GANFamily:
     def _aug(self, x):
         return diff_augment(x, self.cfg.diffaug)  # the same policy for real and fake
 
+    def _d_logits(self, D, real, fake, labels):
+        """D's logits for reals and fakes: one forward pass, or (BatchNorm in D) one per set, so
+        each is normalised by its own batch statistics."""
+        if self.cfg.d_batchnorm:
+            return D(self._aug(real), labels).float(), D(self._aug(fake), labels).float()
+        both_labels = torch.cat([labels, labels]) if labels is not None else None
+        return D(self._aug(torch.cat([real, fake])), both_labels).float().chunk(2)
+
     def _d_phase(self, batch, step, accelerator):
         """D on reals and fakes in one forward pass, plus lazy R1 every r1_every optimizer steps."""
         D = self.modules["D"]
@@ -101,9 +109,7 @@ class GANFamily:
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         with torch.no_grad():
             fake = G(z, labels)
-        both_labels = torch.cat([labels, labels]) if labels is not None else None
-        logits = D(self._aug(torch.cat([x, fake.to(x.dtype)])), both_labels)
-        real_logits, fake_logits = logits.float().chunk(2)
+        real_logits, fake_logits = self._d_logits(D, x, fake.to(x.dtype), labels)
         loss = self._d_loss(real_logits, fake_logits)
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
         if self.cfg.r1_gamma > 0 and step % self.cfg.r1_every == 0:
@@ -123,9 +129,7 @@ class GANFamily:
         labels = batch["label"] if self.cfg.conditional else None
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         fake = self.modules["G"](z, labels)
-        both_labels = torch.cat([labels, labels]) if labels is not None else None
-        logits = self.modules["D"](self._aug(torch.cat([x, fake.to(x.dtype)])), both_labels)
-        real_logits, fake_logits = logits.float().chunk(2)
+        real_logits, fake_logits = self._d_logits(self.modules["D"], x, fake.to(x.dtype), labels)
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
         return {"D": loss_d, "G": loss_g}, {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
                                            "d_real": real_logits.mean().detach(),

@@ -174,12 +174,13 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels, size, width=64, num_classes=0, sn=True):
+    def __init__(self, channels, size, width=64, num_classes=0, sn=True, batchnorm=False):
         super().__init__()
         base, levels = pyramid(size)
         wrap = _sn if sn else (lambda m: m)
         self.stem = wrap(nn.Conv2d(channels, _channels(width, levels, levels), 3, 1, 1))
-        self.blocks = nn.Sequential(*[DownBlock(_channels(width, i + 1, levels), _channels(width, i, levels), sn)
+        norm = nn.BatchNorm2d if batchnorm else None
+        self.blocks = nn.Sequential(*[DownBlock(_channels(width, i + 1, levels), _channels(width, i, levels), sn, norm)
                                       for i in reversed(range(levels))])
         c0 = _channels(width, 0, levels)
         self.act = nn.LeakyReLU(0.2)
@@ -217,17 +218,21 @@ class DCGenerator(nn.Module):
 
 class DCDiscriminator(nn.Module):
     """The SN-GAN paper's standard CNN discriminator (Miyato et al. 2018): per level a 3x3 conv
-    and a stride-2 4x4 conv, spectral norm, LeakyReLU 0.1, a dense output (+ projection)."""
+    and a stride-2 4x4 conv, spectral norm, LeakyReLU 0.1, a dense output (+ projection).
+    `batchnorm`: BatchNorm after each conv but the first, as DCGAN's D."""
 
-    def __init__(self, channels, size, width=64, num_classes=0, sn=True):
+    def __init__(self, channels, size, width=64, num_classes=0, sn=True, batchnorm=False):
         super().__init__()
         base, levels = pyramid(size)
         wrap = _sn if sn else (lambda m: m)
+
+        def norm(c, first=False):
+            return nn.BatchNorm2d(c) if batchnorm and not first else nn.Identity()
         layers, c = [], channels
         for i in reversed(range(levels)):
             cout = _channels(width, i, levels)
-            layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), nn.LeakyReLU(0.1),
-                       wrap(nn.Conv2d(cout // 2, cout, 4, 2, 1)), nn.LeakyReLU(0.1)]
+            layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), norm(cout // 2, first=c == channels), nn.LeakyReLU(0.1),
+                       wrap(nn.Conv2d(cout // 2, cout, 4, 2, 1)), norm(cout), nn.LeakyReLU(0.1)]
             c = cout
         self.features = nn.Sequential(*layers, wrap(nn.Conv2d(c, c, 3, 1, 1)), nn.LeakyReLU(0.1), nn.Flatten())
         flat = c * base * base

@@ -371,3 +371,43 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
             for a, b in zip(family.plain[n].state_dict().values(), initial[n].state_dict().values()):
                 lr = cfg.optim.lr_d if n == "D" else cfg.optim.lr
                 assert (a - b).abs().max() < 0.01 * lr, (preset, n, float((a - b).abs().max()))
+
+
+
+def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
+    """--model.d-batchnorm (DCGAN's D): D's step equals the DCGAN reference written out here, D
+    run once on the reals and once on the fakes so that each batch is normalised by its own
+    statistics; the one-pass form (reals and fakes normalised together) gives other gradients."""
+    import copy
+
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from gen.config import parse
+    from gen.data import make_loader
+    from gen.families import build_family
+    from gen.train import prepare_family, run_phases
+    x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
+    cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--model.arch", "dcgan", "--model.d-batchnorm",
+                 "--model.no-spectral-norm", "--model.gan_loss", "nonsat", "--model.r1_gamma", "0", "--model.width", "8"])
+    torch.manual_seed(0)
+    family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in family.plain["D"].modules())
+    G, D = (copy.deepcopy(family.plain[n]) for n in ("G", "D"))
+    prepare_family(Accelerator(cpu=True), family)
+    got = {}
+    family.optimizers["D"].optimizer.register_step_pre_hook(
+        lambda o, a, k: got.__setitem__("D", [p.grad.clone() for p in family.plain["D"].parameters()]))
+    torch.manual_seed(7)
+    run_phases(family, [{"image": x, "label": torch.zeros(len(x), dtype=torch.long)}], 1, Accelerator(cpu=True), 0.0)
+
+    torch.manual_seed(7)  # the reference: the same noise, D on each set alone, BCE on logits
+    with torch.no_grad():
+        fake = G(torch.randn(len(x), cfg.model.latent_dim))
+    loss = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
+    want = torch.autograd.grad(loss, list(D.parameters()))
+    for g, w in zip(got["D"], want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), float((g - w).abs().max())
+    real_logits, fake_logits = D(torch.cat([x, fake])).chunk(2)  # one pass: batch statistics shared
+    one_pass = torch.autograd.grad(F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean(), list(D.parameters()))
+    assert max(float((a - b).abs().max()) for a, b in zip(one_pass, want)) > 1e-3
