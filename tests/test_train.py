@@ -62,11 +62,15 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
                     state_files(tmp_path / "seed1/checkpoints/checkpoint-0000040"))
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precision):
+@pytest.mark.parametrize("precision,extra", [
+    ("no", []), ("bf16", []),
+    ("no", ["--model.arch", "dcgan", "--model.d-batchnorm", "--model.no-spectral-norm"]),  # D runs twice per step
+])
+def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precision, extra):
     out = tmp_path / "ranks.json"
     args = ["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(tmp_path / "run"), *TINY,
-            "--train.steps", "6", "--log.wandb", "off", "--train.mixed_precision", precision, "--train.grad_accum", "2"]
+            "--train.steps", "6", "--log.wandb", "off", "--train.mixed_precision", precision, "--train.grad_accum", "2",
+            *extra]
     proc = run([*launch2(), str(ROOT / "tests" / "train_ranks.py"), str(out), *args], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
