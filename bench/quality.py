@@ -19,6 +19,7 @@ features; a model whose samples sit closer than new real images, by more than 10
 reported as COPYING and the bench exits 1). Writes OUT/quality.md, OUT/quality.json and OUT/grid-{data}.png (real | baseline
 | preset)."""
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -175,6 +176,7 @@ def main():
                    help="train each preset for this many minutes instead, then its baseline to the same images seen")
     p.add_argument("--gpu", action="store_true", help="the presets' own widths and batch sizes (not the CPU settings)")
     p.add_argument("--pokemon-zip", default=str(POKEMON_ZIP))
+    p.add_argument("--pokemon-data", default=None, help="Pokémon shards this bench wrote before (their train/test split)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny nets and budgets, every stage")
     args = p.parse_args()
     if args.tiny:
@@ -190,8 +192,10 @@ def main():
     for name, pairs in PAIRS.items():
         if args.only and name != args.only:
             continue
-        data = mnist_shards(out, args.mnist_data) if name == "mnist" else pokemon_shards(out, 32 if args.tiny else 64, args.pokemon_zip)
-        ev = Evaluator(str(data), n=args.n, space="domain", seed=0, progress=False)
+        data = mnist_shards(out, args.mnist_data) if name == "mnist" else (args.pokemon_data or pokemon_shards(out, 32 if args.tiny else 64, args.pokemon_zip))
+        # precision/recall/coverage need the prdc package (and scikit-learn); without it they read "-"
+        ev = Evaluator(str(data), n=args.n, space="domain", seed=0, progress=False,
+                       with_prdc=importlib.util.find_spec("prdc") is not None)
         columns = []
         for base, base_extra, ours, ours_extra in pairs:
             ours_extra = [] if args.gpu else ours_extra
@@ -201,8 +205,8 @@ def main():
             for preset, extra in runs:
                 images = (args.pokemon_images if name == "pokemon" else
                           args.vae_images or args.mnist_images if preset.endswith("vae") else args.mnist_images)
-                # the baseline gets the preset's images, capped at twice its time
-                minutes = None if not args.minutes else args.minutes if preset == ours else 2 * args.minutes
+                # the baseline gets the preset's images, capped at the preset's time
+                minutes = args.minutes
                 images = None if args.minutes and preset == ours else pair_results[0]["images"] if args.minutes else images
                 extra = extra + TINY if args.tiny else extra
                 run_dir = out / "runs" / f"{name}-{preset}"
