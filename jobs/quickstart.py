@@ -22,6 +22,15 @@ def step(title, args):
         sys.exit(proc.returncode)
 
 
+def model_args(preset, compare):
+    """CPU-sized model (on a GPU drop these and use the preset's defaults). The GAN alone is
+    class-conditional on the digits' labels: at this budget that took legibility from 0.60 to 0.93
+    and FID from 7.7 to 0.55 (docs/quality.md); --compare keeps both families unconditional, so
+    that they are compared on the same task."""
+    conditional = ["--model.conditional"] if preset == "gan" and not compare else []
+    return ["--train.batch_size", "64", "--model.width", "16", *conditional]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,9 +48,8 @@ def main(argv=None):
     presets = ["gan", "vae"] if args.compare else [args.preset]
     for preset in presets:
         rd = run_dir if preset == args.preset and not args.compare else f"runs/quickstart-{preset}"
-        # CPU-sized model; on a GPU drop these overrides and use the preset's defaults
         step(f"train {preset}", ["-m", "jobs.train", "--preset", preset, "--data", args.data, "--train.run_dir", rd,
-                                 "--train.steps", str(args.steps), "--train.batch_size", "64", "--model.width", "16",
+                                 "--train.steps", str(args.steps), *model_args(preset, args.compare),
                                  "--train.log_every", "100", "--train.sample_every", "500", "--train.ckpt_every", "500"])
         step(f"sample {preset}", ["-m", "jobs.sample", rd])
     if args.compare:
@@ -62,7 +70,7 @@ def main(argv=None):
     if wandb_runs:
         print(f"W&B offline run:  {wandb_runs[-1]}  (upload: wandb sync {wandb_runs[-1]})")
     print(f"continue training: python -m jobs.train --preset {args.preset} --data {args.data} "
-          f"--train.run_dir {run_dir} --model.width 16 --train.batch_size 64 --train.steps {2 * args.steps}")
+          f"--train.run_dir {run_dir} {' '.join(model_args(args.preset, False))} --train.steps {2 * args.steps}")
     return 0
 
 
