@@ -101,7 +101,7 @@ class GANFamily:
         return D(self._aug(torch.cat([real, fake])), both_labels).float().chunk(2)
 
     def _d_phase(self, batch, step, accelerator):
-        """D on reals and fakes in one forward pass, plus lazy R1 every r1_every optimizer steps."""
+        """D on reals and fakes (see _d_logits), plus lazy R1 every r1_every optimizer steps."""
         D = self.modules["D"]
         G = self.plain["G"]  # no gradients, no DDP collectives
         x = batch["image"]

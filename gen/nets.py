@@ -231,7 +231,7 @@ class DCDiscriminator(nn.Module):
         layers, c = [], channels
         for i in reversed(range(levels)):
             cout = _channels(width, i, levels)
-            layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), norm(cout // 2, first=c == channels), nn.LeakyReLU(0.1),
+            layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), norm(cout // 2, first=i == levels - 1), nn.LeakyReLU(0.1),
                        wrap(nn.Conv2d(cout // 2, cout, 4, 2, 1)), norm(cout), nn.LeakyReLU(0.1)]
             c = cout
         self.features = nn.Sequential(*layers, wrap(nn.Conv2d(c, c, 3, 1, 1)), nn.LeakyReLU(0.1), nn.Flatten())
