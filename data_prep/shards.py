@@ -114,22 +114,36 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
     workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
     with tqdm(total=total, desc=f"{source.dataset} shards", unit="img", dynamic_ncols=True) as bar:
         pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+
+        def record_progress():
+            atomic_write_json(progress_path, {"dataset": source.dataset, "prep_args": prep_args, "shards": progress}, indent=None)
+
+        disk_full = False
         try:
             results = pool.imap_unordered(write_one_shard, todo) if pool else map(write_one_shard, todo)
             for record in results:
                 progress[record["name"]] = record
-                atomic_write_json(progress_path, {"dataset": source.dataset, "prep_args": prep_args, "shards": progress}, indent=None)
+                record_progress()
                 bar.update(record["count"] + len(record["skipped"]))
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            raise PrepError(_disk_full(out, progress, total, bar.n)) from None
+            disk_full = True
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()  # workers gone before their partial files are swept below
             for partial in out.glob(".*.partial"):
                 partial.unlink(missing_ok=True)
+        if disk_full:
+            # the other workers' partial shards may have taken the space the record needed: with
+            # them swept, record the finished shards again so a re-run keeps them
+            if progress:
+                try:
+                    record_progress()
+                except OSError:
+                    pass
+            raise PrepError(_disk_full(out, progress, total, bar.n))
 
     splits_meta, image_size, skipped = {}, source.size, [{"name": n, "reason": why} for n, why in source.skipped]
     for split in source.splits:
