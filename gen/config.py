@@ -136,8 +136,10 @@ PRESETS = {
     "gan": _preset(model=dict(family="gan", arch="deep", latent_dim=128, gan_loss="hinge",
                               r1_gamma=0.1, diffaug=(), ema_decay=0.999),
                    optim=dict(lr=5e-4, lr_d=1e-3, betas=(0.0, 0.99))),
-    # deeper conv VAE, learned-variance Gaussian likelihood (sharper than a fixed sigma), KL warm-up
-    "vae": _preset(model=dict(family="vae", arch="deep", latent_dim=64, likelihood="gaussian",
+    # deeper conv VAE, learned-variance Gaussian likelihood (sharper than a fixed sigma), KL warm-up.
+    # Latent 16: the ex-post mixture fits a 16-d aggregate posterior with 20-30 components
+    # (MNIST 200k images: legibility 0.92, FID 0.75) where a 64-d one supports only 10 (0.77, 3.1)
+    "vae": _preset(model=dict(family="vae", arch="deep", latent_dim=16, likelihood="gaussian",
                               beta=1.0, kl_warmup_steps=1000, ema_decay=0.999),
                    optim=dict(lr=1e-3, betas=(0.9, 0.999), grad_clip=1.0, warmup_steps=100)),
 }

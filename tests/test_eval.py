@@ -253,6 +253,18 @@ def test_latent_mixture_recovers_a_known_mixture():
     assert (torch.cov(drawn.T) - total).abs().max() < 0.03 * total.abs().max()
 
 
+def test_latent_mixture_size_is_chosen_by_held_out_likelihood():
+    """Five well-separated Gaussians get five components; 400 draws of one Gaussian in 16-d get
+    one (more would memorise the points: the failure that held-out likelihood guards against)."""
+    from gen.latent_prior import choose_components, sample
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        truth = {"weights": torch.full((5,), 0.2), "means": torch.randn(5, 8, generator=g) * 6,
+                 "scale_tril": torch.eye(8).repeat(5, 1, 1) * torch.rand(5, 1, 1, generator=g).add(0.5)}
+        assert choose_components(sample(truth, 3000, g), seed=seed) == 5
+        assert choose_components(torch.randn(400, 16, generator=g), seed=seed) == 1
+
+
 def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_path):
     from gen import features as feats
     from gen.latent_prior import load_or_fit

@@ -32,7 +32,7 @@ def test_quality_bench_tiny_runs_every_stage(tmp_path):
     rows = json.loads((tmp_path / "quality.json").read_text())
     assert [(r["data"], r["label"]) for r in rows] == [  # seed-gan trained once for both of its pairs
         ("mnist", "seed-gan"), ("mnist", "gan"), ("mnist", "gan conditional"), ("mnist", "seed-vae"), ("mnist", "vae"),
-        ("pokemon", "seed-gan"), ("pokemon", "gan-small-data")]
+        ("mnist", "vae Bernoulli"), ("pokemon", "seed-gan"), ("pokemon", "gan-small-data")]
     for r in rows:
         assert r["images"] >= 64 and r["train_s"] > 0
         assert math.isfinite(r["scores"]["model"]["fid"]) and r["floor"]["fid"] < r["scores"]["model"]["fid"]
@@ -41,7 +41,8 @@ def test_quality_bench_tiny_runs_every_stage(tmp_path):
     manifest = json.loads((tmp_path / "mnist" / "manifest.json").read_text())
     assert all(len(manifest["splits"][split]["per_class"]) == 10 for split in ("train", "test"))  # every digit held out
     table = (tmp_path / "quality.md").read_text()
-    for pair in ("gan vs seed-gan", "gan conditional vs seed-gan", "vae vs seed-vae", "gan-small-data vs seed-gan"):
+    for pair in ("gan vs seed-gan", "gan conditional vs seed-gan", "vae vs seed-vae", "vae Bernoulli vs seed-vae",
+                 "gan-small-data vs seed-gan"):
         assert f"| {pair} |" in table
     assert Image.open(tmp_path / "grid-mnist.png").size[0] > 4 * Image.open(tmp_path / "grid-mnist.png").size[1]
     assert Image.open(tmp_path / "grid-pokemon.png").size[0] > 2.5 * Image.open(tmp_path / "grid-pokemon.png").size[1]
