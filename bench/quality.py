@@ -50,6 +50,10 @@ CPU_SIZES = {"mnist": ["--model.width", "16", "--train.batch_size", "64"],
 TINY = ["--model.width", "8", "--train.batch_size", "16"]
 
 
+def label_of(preset, extra):
+    return " ".join([preset] + [suffix for flag, suffix in VARIANTS.items() if flag in extra])
+
+
 def mnist_shards(out, source=None):
     """Shards with a held-out test split: the user's, or the offline digits split 4,500 / 500."""
     if source:
@@ -180,6 +184,8 @@ def main():
     p.add_argument("--pokemon-images", type=int, default=40_000, help="images seen per Pokémon run")
     p.add_argument("--n", type=int, default=2000, help="samples and real images per evaluation")
     p.add_argument("--only", choices=sorted(PAIRS), default=None)
+    p.add_argument("--pairs", nargs="+", default=None, metavar="LABEL",
+                   help='only the pairs whose preset row is one of these labels ("gan conditional", "vae", ...)')
     p.add_argument("--minutes", type=float, default=None,
                    help="train each preset for this many minutes instead, then its baseline to the same images seen")
     p.add_argument("--gpu", action="store_true", help="the presets' own widths and batch sizes (not the CPU settings)")
@@ -198,7 +204,8 @@ def main():
 
     results, pairs = [], []  # pairs: (baseline, preset) results
     for name, specs in PAIRS.items():
-        if args.only and name != args.only:
+        specs = [spec for spec in specs if not args.pairs or label_of(spec[2], spec[3]) in args.pairs]
+        if not specs or (args.only and name != args.only):
             continue
         data = mnist_shards(out, args.mnist_data) if name == "mnist" else (args.pokemon_data or pokemon_shards(out, 32 if args.tiny else 64, args.pokemon_zip))
         # precision/recall/coverage need the prdc package (and scikit-learn); without it they read "-"
@@ -211,7 +218,7 @@ def main():
             runs = [(ours, ours_extra), (base, base_extra)] if args.minutes else [(base, base_extra), (ours, ours_extra)]
             pair_results = []
             for preset, extra in runs:
-                label = " ".join([preset] + [suffix for flag, suffix in VARIANTS.items() if flag in extra])
+                label = label_of(preset, extra)
                 done = [r for r in results if r["data"] == name and r["label"] == label and not args.minutes]
                 if done:  # a baseline shared by two pairs is trained once
                     pair_results.append(done[0])

@@ -211,7 +211,7 @@ def test_wandb_without_key_falls_back_offline_with_one_warning(mnist_shards, tmp
     ("seed-gan", ["--train.batch_size", "32"]),
     ("seed-vae", []),
     ("gan", ["--model.conditional"]),
-    ("gan", ["--model.arch", "dcgan", "--model.conditional"]),
+    ("gan", ["--model.arch", "deep", "--model.conditional"]),
     ("vae", ["--model.conditional", "--model.likelihood", "bernoulli"]),
     ("seed-vae", ["--model.conditional"]),
 ])
