@@ -136,10 +136,13 @@ def write_npz(g, path, n, seed, truncation, batch=1000):
 
 
 def write_gif(frames, path, ms=120):
-    """frames: list of grids in [0, 1] (C, H, W); played forward then back."""
+    """frames: list of grids in [0, 1] (C, H, W); played forward then back. Enlarged (nearest
+    neighbour) to at least 128 px high: a row of 28 px digits is otherwise too small to watch."""
     from PIL import Image
 
     images = [Image.fromarray(f.mul(255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()) for f in frames]
+    scale = max(1, 128 // images[0].height)
+    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     images = images + images[-2:0:-1]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=ms, loop=0)

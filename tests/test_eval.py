@@ -148,6 +148,7 @@ def test_every_written_file_decodes(eval_env, gan_run, vae_run, tmp_path):
     assert Image.open(tmp_path / "g/samples.png").size == (16 * 30 + 2, 16 * 30 + 2)  # 256 of 1200, 16 per row
     gif = Image.open(tmp_path / "g/interpolations.gif")
     assert gif.n_frames == 2 * 10 - 2  # 10 steps forward, then back without repeating the ends
+    assert gif.size == (4 * (8 * 30 + 2), 4 * 32)  # one row of 8 paths, enlarged 4x to be watchable
     run(["-m", "jobs.sample", str(vae_run), "--out", str(tmp_path / "v")], env=env, check=True)
     for name in ("samples.png", "interpolations.png", "reconstructions.png", "manifold.png", "latent_scatter.png"):
         with Image.open(tmp_path / "v" / name) as im:
