@@ -169,9 +169,12 @@ def markdown(results, pairs):
               "|---|---|---|---|---|"]
     for base, ours in pairs:
         fid_ratio = base["scores"]["model"]["fid"] / ours["scores"]["model"]["fid"]
-        kid_ratio = base["scores"]["model"]["kid_mean"] / max(ours["scores"]["model"]["kid_mean"], 1e-9)
+        ours_kid = ours["scores"]["model"]["kid_mean"]
+        # an unbiased KID within its noise of 0 makes any ratio meaningless
+        kid_ratio = (f"{base['scores']['model']['kid_mean'] / ours_kid:.2f}x" if ours_kid > ours["scores"]["model"]["kid_std"]
+                     else f"- ({ours['label']}'s KID is within noise of 0)")
         speed = (ours["train_s"] / ours["images"]) / (base["train_s"] / base["images"])
-        lines.append(f"| {ours['data']} | {ours['label']} vs {base['label']} | {fid_ratio:.2f}x | {kid_ratio:.2f}x | {speed:.2f}x |")
+        lines.append(f"| {ours['data']} | {ours['label']} vs {base['label']} | {fid_ratio:.2f}x | {kid_ratio} | {speed:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
