@@ -94,8 +94,13 @@ if cfg.model.family == "gan":
     for p_, g_ in zip(D.parameters(), ref_d):
         p_.grad = g_
     torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas).step()
-    fakes = torch.cat([G(z) for _, nz in everyone for z in nz[K:]])
-    ref_g = param_grads(G, -D(fakes).mean())
+    # each rank's D runs once per micro-batch, and spectral norm's power iteration moves its
+    # sigma a little on every forward after D's step: so here too, per rank, micro-batch by micro-batch
+    loss_g = 0
+    for _, nz in everyone:
+        D_rank = copy.deepcopy(D)
+        loss_g = loss_g + sum(-D_rank(G(z)).sum() for z in nz[K:])
+    ref_g = param_grads(G, loss_g / (world * K * B))
     reference = {"D": ref_d, "G": ref_g}
 else:
     vae = initial["vae"]
