@@ -57,7 +57,7 @@ def choose_components(latents, choices=COMPONENT_CHOICES, held_out=0.2, seed=0):
 def fit(latents, components=None, seed=0):
     """A full-covariance Gaussian mixture (scikit-learn's EM) on (N, d) latents, as tensors;
     `components` None: chosen by held-out likelihood (choose_components)."""
-    components = components or choose_components(latents, seed=seed)
+    components = max(1, min(components or choose_components(latents, seed=seed), len(latents) // 10))
     gm = _gaussian_mixture(latents.double().numpy(), components, seed)
     covariances = torch.from_numpy(gm.covariances_)
     return {"weights": torch.from_numpy(gm.weights_).float().contiguous(),
