@@ -47,14 +47,15 @@ def main(argv=None):
     step("verify shards", ["-m", "data_prep", "verify", args.data])
     step("preview real samples", ["-m", "data_prep", "preview", args.data, "--out", f"{args.data}/preview.png"])
     presets = ["gan", "vae"] if args.compare else [args.preset]
-    for preset in presets:
-        rd = run_dir if preset == args.preset and not args.compare else f"runs/quickstart-{preset}"
+    # --compare trains unconditional models: their own run dirs, not the conditional quickstart's
+    run_dirs = [f"runs/compare-{preset}" for preset in presets] if args.compare else [run_dir]
+    for preset, rd in zip(presets, run_dirs):
         step(f"train {preset}", ["-m", "jobs.train", "--preset", preset, "--data", args.data, "--train.run_dir", rd,
                                  "--train.steps", str(args.steps), *model_args(preset, args.compare),
                                  "--train.log_every", "100", "--train.sample_every", "500", "--train.ckpt_every", "500"])
         step(f"sample {preset}", ["-m", "jobs.sample", rd])
     if args.compare:
-        step("GAN vs VAE report", ["-m", "jobs.compare", *[f"runs/quickstart-{p}" for p in presets], "--n",
+        step("GAN vs VAE report", ["-m", "jobs.compare", *run_dirs, "--n",
                                    str(args.eval_n), "--out", "report.html"])
         print("\nreport:           report.html (open it in a browser)")
         return 0
