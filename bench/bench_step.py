@@ -38,7 +38,7 @@ def make_shards(tmp):
 
 
 ARGS = ["--model.width", "16", "--model.r1_gamma", "0", "--model.diffaug", "--model.ema_decay", "0",
-        "--train.batch_size", "64", "--log.wandb", "off", "--data.workers", "2"]
+        "--train.batch_size", "64", "--train.no-channels-last", "--log.wandb", "off", "--data.workers", "2"]
 
 
 def deepgen_ms_per_step(shards, run_dir, steps):
@@ -128,7 +128,8 @@ def matrix(args):
             for precision, compiled, channels_last in settings:
                 extra = ["--train.mixed_precision", precision]
                 extra += ["--train.compile"] if compiled else []
-                extra += ["--train.channels_last"] if channels_last else []
+                # stated either way: a preset may default to channels_last (gan does, on a CPU too)
+                extra += ["--train.channels_last" if channels_last else "--train.no-channels-last"]
                 run_dir = Path(tmp) / f"{preset}-{precision}-{compiled}-{channels_last}"
                 rate = train_img_per_s(shards, run_dir, preset, args.batch_size, args.width, args.steps,
                                        args.workers, extra)

@@ -55,7 +55,8 @@ class GANFamily:
             G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n, size), nets.SeedDiscriminator(c, n, size)
         elif model_cfg.arch == "dcgan":
             G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n)
-            D = nets.DCDiscriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm)
+            D = nets.DCDiscriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm,
+                                   model_cfg.d_convs_per_level)
         else:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
             D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm)
@@ -101,7 +102,7 @@ class GANFamily:
         return D(self._aug(torch.cat([real, fake])), both_labels).float().chunk(2)
 
     def _d_phase(self, batch, step, accelerator):
-        """D on reals and fakes (see _d_logits), plus lazy R1 every r1_every optimizer steps."""
+        """D on reals and fakes (see _d_logits), plus lazy R1 (_with_r1)."""
         D = self.modules["D"]
         G = self.plain["G"]  # no gradients, no DDP collectives
         x = batch["image"]
@@ -112,15 +113,18 @@ class GANFamily:
         real_logits, fake_logits = self._d_logits(D, x, fake.to(x.dtype), labels)
         loss = self._d_loss(real_logits, fake_logits)
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
-        if self.cfg.r1_gamma > 0 and step % self.cfg.r1_every == 0:
-            # lazy R1 (StyleGAN2): the penalty every r1_every steps, scaled up by r1_every
-            real = self._aug(x).detach().requires_grad_(True)
-            # double backward outside the DDP wrapper
-            grad, = torch.autograd.grad(self.plain["D"](real, labels).float().sum(), real, create_graph=True)
-            r1 = grad.pow(2).sum(dim=[1, 2, 3]).mean()
-            loss = loss + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
-            out["r1"] = r1.detach()
-        return loss, out
+        return self._with_r1(loss, out, x, labels, step), out
+
+    def _with_r1(self, loss_d, out, x, labels, step):
+        """D's loss plus lazy R1 (StyleGAN2): the penalty every r1_every steps, scaled up by r1_every."""
+        if self.cfg.r1_gamma <= 0 or step % self.cfg.r1_every != 0:
+            return loss_d
+        real = self._aug(x).detach().requires_grad_(True)
+        # double backward outside the DDP wrapper
+        grad, = torch.autograd.grad(self.plain["D"](real, labels).float().sum(), real, create_graph=True)
+        r1 = grad.pow(2).sum(dim=[1, 2, 3]).mean()
+        out["r1"] = r1.detach()
+        return loss_d + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
 
     def _both_phase(self, batch, step, accelerator):
         """The notebook's step: one batch of fakes, D on reals and fakes once, both losses from
@@ -131,9 +135,9 @@ class GANFamily:
         fake = self.modules["G"](z, labels)
         real_logits, fake_logits = self._d_logits(self.modules["D"], x, fake.to(x.dtype), labels)
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
-        return {"D": loss_d, "G": loss_g}, {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
-                                           "d_real": real_logits.mean().detach(),
-                                           "d_fake": fake_logits.mean().detach()}
+        out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": real_logits.mean().detach(),
+               "d_fake": fake_logits.mean().detach()}
+        return {"D": self._with_r1(loss_d, out, x, labels, step), "G": loss_g}, out
 
     def _g_phase(self, batch, step, accelerator):
         """G through the (frozen, already updated) D, outside D's DDP wrapper: D is not trained here."""

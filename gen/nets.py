@@ -218,10 +218,11 @@ class DCGenerator(nn.Module):
 
 class DCDiscriminator(nn.Module):
     """The SN-GAN paper's standard CNN discriminator (Miyato et al. 2018): per level a 3x3 conv
-    and a stride-2 4x4 conv, spectral norm, LeakyReLU 0.1, a dense output (+ projection).
-    `batchnorm`: BatchNorm after each conv but the first, as DCGAN's D."""
+    and a stride-2 4x4 conv, a last 3x3 conv, spectral norm, LeakyReLU 0.1, a dense output (+
+    projection). `convs_per_level=1`: no 3x3 conv before the stride-2 convs, as DCGAN's D (half
+    the multiply-adds at 28 px). `batchnorm`: BatchNorm after each conv but the first, as DCGAN's D."""
 
-    def __init__(self, channels, size, width=64, num_classes=0, sn=True, batchnorm=False):
+    def __init__(self, channels, size, width=64, num_classes=0, sn=True, batchnorm=False, convs_per_level=2):
         super().__init__()
         base, levels = pyramid(size)
         wrap = _sn if sn else (lambda m: m)
@@ -230,9 +231,11 @@ class DCDiscriminator(nn.Module):
             return nn.BatchNorm2d(c) if batchnorm and not first else nn.Identity()
         layers, c = [], channels
         for i in reversed(range(levels)):
-            cout = _channels(width, i, levels)
-            layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), norm(cout // 2, first=i == levels - 1), nn.LeakyReLU(0.1),
-                       wrap(nn.Conv2d(cout // 2, cout, 4, 2, 1)), norm(cout), nn.LeakyReLU(0.1)]
+            cout, first = _channels(width, i, levels), i == levels - 1
+            if convs_per_level == 2:
+                layers += [wrap(nn.Conv2d(c, cout // 2, 3, 1, 1)), norm(cout // 2, first), nn.LeakyReLU(0.1)]
+                c, first = cout // 2, False
+            layers += [wrap(nn.Conv2d(c, cout, 4, 2, 1)), norm(cout, first), nn.LeakyReLU(0.1)]
             c = cout
         self.features = nn.Sequential(*layers, wrap(nn.Conv2d(c, c, 3, 1, 1)), nn.LeakyReLU(0.1), nn.Flatten())
         flat = c * base * base

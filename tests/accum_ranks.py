@@ -4,7 +4,7 @@ the loss formulas (no family code, no accumulation), on the same images and nois
 process or under 2 DDP ranks (the reference then covers both ranks' data, as DDP averages).
 Also records each DDP all-reduce: with no_sync in effect, none happens before the last micro-batch.
 
-    python tests/accum_ranks.py OUT.json --preset gan --k 2 --b 8
+    python tests/accum_ranks.py OUT.json --preset gan --k 2 --b 8 [--gan-update simultaneous]
 """
 import argparse
 import copy
@@ -27,10 +27,13 @@ p.add_argument("--preset", default="gan")
 p.add_argument("--data", required=True)
 p.add_argument("--k", type=int, default=2)
 p.add_argument("--b", type=int, default=8)
+p.add_argument("--gan-update", choices=("alternating", "simultaneous"), default="alternating")
 args = p.parse_args()
 K, B = args.k, args.b
 cfg = parse(["--preset", args.preset, "--data", args.data, "--model.width", "8", "--model.diffaug",
-             "--model.r1_gamma", "1", "--model.r1_every", "1", "--model.kl_warmup_steps", "0"])
+             "--model.r1_gamma", "1", "--model.r1_every", "1", "--model.kl_warmup_steps", "0",
+             "--model.gan_update", args.gan_update])
+simultaneous = cfg.model.family == "gan" and cfg.model.gan_update == "simultaneous"
 acc = Accelerator(cpu=True, gradient_accumulation_steps=K)
 world, rank = acc.num_processes, acc.process_index
 torch.manual_seed(0)  # the same initial weights on every rank
@@ -66,7 +69,7 @@ run_phases(family, micro, 0, acc, 0.0)
 # the reference: every rank's images and noise, drawn in the family's order, as one batch
 torch.manual_seed(NOISE_SEED)
 latent = cfg.model.latent_dim
-noise = [torch.randn(B, latent) for _ in range(K * (2 if cfg.model.family == "gan" else 1))]
+noise = [torch.randn(B, latent) for _ in range(K * (2 if cfg.model.family == "gan" and not simultaneous else 1))]
 everyone = [None] * world
 if world > 1:
     torch.distributed.all_gather_object(everyone, ([m["image"] for m in micro], noise))
@@ -74,12 +77,24 @@ else:
     everyone = [([m["image"] for m in micro], noise)]
 
 
-def param_grads(module, loss):
-    return torch.autograd.grad(loss, [p for p in module.parameters()], allow_unused=True)
+def param_grads(module, loss, retain_graph=False):
+    return torch.autograd.grad(loss, [p for p in module.parameters()], allow_unused=True, retain_graph=retain_graph)
 
 
 report = {"steps": steps, "reduces": reduces}
-if cfg.model.family == "gan":
+if simultaneous:
+    # the notebook's step: one batch of fakes per micro-batch, both losses from the same logits of
+    # the same D; D's loss (+ R1) moves only D, G's only G
+    G, D = initial["G"], initial["D"]
+    xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
+    fakes = torch.cat([G(z) for _, nz in everyone for z in nz])
+    real_logits, fake_logits = D(xs), D(fakes)
+    loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    xr = xs.clone().requires_grad_(True)
+    g, = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
+    loss_d = loss_d + 0.5 * 1.0 * 1 * g.pow(2).sum(dim=[1, 2, 3]).mean()
+    reference = {"D": param_grads(D, loss_d, retain_graph=True), "G": param_grads(G, -fake_logits.mean())}
+elif cfg.model.family == "gan":
     G, D = initial["G"], initial["D"]
     xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
     with torch.no_grad():  # G's BatchNorm sees each micro-batch of b, as in the accumulated run

@@ -83,15 +83,16 @@ def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precis
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("preset", ["gan", "vae"])
-def test_grad_accumulation_gives_the_big_batch_gradients(mnist_shards, tmp_path, preset, ranks):
+@pytest.mark.parametrize("preset,gan_update", [("gan", "alternating"), ("gan", "simultaneous"), ("vae", "alternating")])
+def test_grad_accumulation_gives_the_big_batch_gradients(mnist_shards, tmp_path, preset, gan_update, ranks):
     """grad_accum 3 at batch 8 == one batch of 24 (48 under 2 ranks), against gradients written out
-    from the loss formulas in accum_ranks.py; GAN: D steps once, then G through the updated D;
-    under DDP no all-reduce happens before the last micro-batch (no_sync)."""
+    from the loss formulas in accum_ranks.py; GAN alternating: D steps once, then G through the
+    updated D; simultaneous: both from one forward; under DDP no all-reduce happens before the
+    last micro-batch (no_sync)."""
     out = tmp_path / "accum.json"
     launcher = launch2() if ranks == 2 else []
     proc = run([*launcher, str(ROOT / "tests" / "accum_ranks.py"), str(out), "--preset", preset, "--data",
-                str(mnist_shards), "--k", "3", "--b", "8"], timeout=300)
+                str(mnist_shards), "--k", "3", "--b", "8", "--gan-update", gan_update], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     modules = ["D", "G"] if preset == "gan" else ["vae"]
