@@ -81,30 +81,29 @@ def param_grads(module, loss, retain_graph=False):
     return torch.autograd.grad(loss, [p for p in module.parameters()], allow_unused=True, retain_graph=retain_graph)
 
 
+def hinge_r1_loss_d(D, reals, fakes):
+    """D's hinge loss plus R1 at gamma 1, every step (the options parsed above); also D's fake logits."""
+    real_logits, fake_logits = D(reals), D(fakes)
+    loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    xr = reals.clone().requires_grad_(True)
+    g, = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
+    return fake_logits, loss_d + 0.5 * 1.0 * 1 * g.pow(2).sum(dim=[1, 2, 3]).mean()
+
+
 report = {"steps": steps, "reduces": reduces}
 if simultaneous:
     # the notebook's step: one batch of fakes per micro-batch, both losses from the same logits of
     # the same D; D's loss (+ R1) moves only D, G's only G
     G, D = initial["G"], initial["D"]
     xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
-    fakes = torch.cat([G(z) for _, nz in everyone for z in nz])
-    real_logits, fake_logits = D(xs), D(fakes)
-    loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    xr = xs.clone().requires_grad_(True)
-    g, = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
-    loss_d = loss_d + 0.5 * 1.0 * 1 * g.pow(2).sum(dim=[1, 2, 3]).mean()
+    fake_logits, loss_d = hinge_r1_loss_d(D, xs, torch.cat([G(z) for _, nz in everyone for z in nz]))
     reference = {"D": param_grads(D, loss_d, retain_graph=True), "G": param_grads(G, -fake_logits.mean())}
 elif cfg.model.family == "gan":
     G, D = initial["G"], initial["D"]
     xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
     with torch.no_grad():  # G's BatchNorm sees each micro-batch of b, as in the accumulated run
         fakes = torch.cat([G(z) for _, nz in everyone for z in nz[:K]])
-    real_logits, fake_logits = D(xs), D(fakes)
-    loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    xr = xs.clone().requires_grad_(True)
-    g, = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
-    loss_d = loss_d + 0.5 * 1.0 * 1 * g.pow(2).sum(dim=[1, 2, 3]).mean()
-    ref_d = param_grads(D, loss_d)
+    ref_d = param_grads(D, hinge_r1_loss_d(D, xs, fakes)[1])
     # D steps with torch's own Adam on that gradient, then G's batch goes through the new D
     for p_, g_ in zip(D.parameters(), ref_d):
         p_.grad = g_
