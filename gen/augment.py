@@ -1,5 +1,6 @@
-"""DiffAugment (Zhao et al. 2020): differentiable augmentations applied to every image D sees,
-real and fake alike, so D cannot memorise a small data set. The policy is a tuple of names."""
+"""Augmentations. DiffAugment (Zhao et al. 2020): differentiable augmentations applied to every
+image D sees, real and fake alike, so D cannot memorise a small data set (the policy is a tuple of
+names). random_mirror: the data set's own left-right mirror images (--data.hflip)."""
 import torch
 import torch.nn.functional as F
 
@@ -63,3 +64,10 @@ def diff_augment(x, policy):
         for fn in AUGMENT_FNS[name]:
             x = fn(x)
     return x
+
+
+def random_mirror(x):
+    """Each image of the batch flipped left-right with probability 1/2 (the training data, before
+    any model sees it; drawn from the global torch RNG, which checkpoints restore)."""
+    flip = torch.rand(x.size(0), device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)

@@ -30,6 +30,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from tqdm import tqdm
 
 from . import checkpoint, tracking
+from .augment import random_mirror
 from .config import to_dict, validate
 from .data import make_loader, read_manifest, to_float
 from .ema import EMA
@@ -362,6 +363,8 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     def to_device(batch):
         position.update(batch["position"])
         image = to_float(batch["image"].to(accelerator.device, non_blocking=True))  # uint8 crosses the bus
+        if cfg.data.hflip:
+            image = random_mirror(image)
         return {"image": image.contiguous(memory_format=memory_format),
                 "label": batch["label"].to(accelerator.device, non_blocking=True)}
 

@@ -24,6 +24,30 @@ def test_nearest_distances_and_copy_check():
     copies = train[:100] + 0.001 * torch.rand(100, 1, 8, 8, generator=g)  # near-duplicates of training images
     report = copy_check(copies, train, held, embed)
     assert all(v["copied"] for v in report.values()) and report["pixels"]["samples_median"] < 0.01
+    some = copy_check(torch.cat([copies[:20], fresh[20:]]), train, held, embed)  # a fifth copied: the p5 drops
+    assert all(v["copied"] for v in some.values()) and some["pixels"]["relative"]["samples_p5"] < 0.01
+    # blobs near the middle of the data: nearer every real image than real images are to each other,
+    # so the plain distances fire, but they sit no nearer the training images than the held-out ones
+    blobs = 0.5 + 0.05 * torch.randn(100, 1, 8, 8, generator=g)
+    report = copy_check(blobs, train, held, embed)
+    assert all(v["closer_than_held_out"] and not v["copied"] for v in report.values())
+
+
+def test_random_mirror_and_copy_check_of_mirrored_copies():
+    from gen.augment import random_mirror
+    torch.manual_seed(0)
+    x = torch.rand(4000, 1, 3, 5)
+    y = random_mirror(x)
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    assert (flipped | (y == x).flatten(1).all(1)).all()  # each image whole: itself or its mirror
+    assert abs(flipped.float().mean().item() - 0.5) < 0.03  # binomial sd 0.008
+    g = torch.Generator().manual_seed(1)
+    train, held = (torch.rand(n, 1, 8, 8, generator=g) for n in (300, 100))
+    embed = lambda x: x.flatten(1)[:, :16] * 3  # noqa: E731
+    mirror_copies = train[:100].flip(-1)
+    assert not copy_check(mirror_copies, train, held, embed)["pixels"]["copied"]  # unflipped set: far from all
+    report = copy_check(mirror_copies, train, held, embed, mirrored=True)
+    assert report["pixels"]["copied"] and report["pixels"]["samples_median"] == 0
 
 
 def test_quality_bench_tiny_runs_every_stage(tmp_path):

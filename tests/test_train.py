@@ -18,7 +18,8 @@ from wandb_records import history, run_id
 
 
 @pytest.mark.parametrize("preset,extra", [
-    ("gan", ["--model.diffaug", "color", "translation", "cutout", "--model.r1_gamma", "1", "--model.r1_every", "2"]),
+    ("gan", ["--model.diffaug", "color", "translation", "cutout", "--model.r1_gamma", "1", "--model.r1_every", "2",
+             "--data.hflip"]),
     ("vae", ["--optim.warmup_steps", "30"]),  # the LR still ramps across the resume point
 ])
 def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
