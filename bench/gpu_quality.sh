@@ -18,3 +18,4 @@ python3 bench/quality.py --only pokemon --gpu --minutes "${MINUTES:-4}" --pokemo
     --out /tmp/gq 2>&1 | tee "$OUT/bench.log"
 cp /tmp/gq/quality.md /tmp/gq/quality.json /tmp/gq/grid-pokemon.png "$OUT"/ 2>/dev/null
 for r in /tmp/gq/runs/*; do tail -n 3 "$r/metrics.jsonl" > "$OUT/$(basename "$r")-tail.jsonl" 2>/dev/null; done
+cp /tmp/gq/runs/pokemon-gan-small-data/bench-samples.pt "$OUT/gan-small-data-samples.pt" 2>/dev/null  # to rescore here

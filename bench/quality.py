@@ -19,8 +19,9 @@ scored from N(0, I)), the real-vs-real floor, and the memorisation check (each s
 distance to its nearest training image vs the same for held-out real images, in pixels and
 features; "!" marks samples that sit more than 10 % closer than new real images; a model whose
 samples do so also relative to their distance to the nearest held-out image, beyond that
-quantile's bootstrap noise, is reported as COPYING and the bench exits 1: gen.metrics.copy_check). Writes OUT/quality.md, OUT/quality.json and OUT/grid-{data}.png (real | baseline
-| preset)."""
+quantile's bootstrap noise, is reported as COPYING and the bench exits 1: gen.metrics.copy_check).
+Writes OUT/quality.md, OUT/quality.json, OUT/grid-{data}.png (real | baseline | preset) and
+OUT/nearest-{run}.png (the samples nearest a training image, each beside it)."""
 import argparse
 import importlib.util
 import json
@@ -132,9 +133,23 @@ def score(run_dir, data, n, ev):
     os.replace(tmp, run_dir / "bench-samples.pt")
     out["model"] = ev.score(samples)
     train_x, _ = feats.load_real(data, "train", seed=0)
-    out["copy"] = copy_check(samples, feats.to_float(train_x), feats.to_float(test_x), ev.embed,
-                             mirrored=g.config.data.hflip)
+    train = feats.to_float(train_x)
+    out["copy"] = copy_check(samples, train, feats.to_float(test_x), ev.embed, mirrored=g.config.data.hflip)
+    write_nearest(run_dir / "nearest.png", samples, train, ev.embed, g.config.data.hflip)
     return out, samples[:64]
+
+
+def write_nearest(path, samples, train, embed, mirrored=False, k=8):
+    """The k samples nearest a training image (features), each followed by that image (mirrored
+    too when the model saw mirror images): the copies a memorising model makes would show here."""
+    from torchvision.utils import make_grid, save_image
+    import torch
+    if mirrored:
+        train = torch.cat([train, train.flip(-1)])
+    dist, nearest = torch.cdist(embed(samples).flatten(1).float(), embed(train).flatten(1).float()).min(dim=1)
+    order = dist.argsort()[:k]
+    pairs = torch.stack([image for i in order for image in (samples[i], train[nearest[i]])])
+    save_image(make_grid((pairs + 1) / 2, nrow=2 * min(k, 4), padding=2, pad_value=1.0), path)
 
 
 def write_grid(path, real, columns):
@@ -251,6 +266,7 @@ def main():
                       + " ...", flush=True)
                 facts = train(run_dir, data, preset, extra, images, args.minutes)
                 scores, grid = score(run_dir, data, args.n, ev)
+                os.replace(run_dir / "nearest.png", out / f"nearest-{run_dir.name}.png")
                 pair_results.append({"data": name, "preset": preset, "label": label, "args": extra, **facts, "scores": scores,
                                      "floor": ev.floors["real_vs_real"], "space": ev.space, "grid": grid})
                 print(f"  FID {scores['model']['fid']:.2f} (real vs real {ev.floors['real_vs_real']['fid']:.2f}), "
