@@ -215,7 +215,8 @@ def copy_check(samples, train, held_out, embed, tolerance=0.1, mirrored=False):
     relative to the same point's distance to its nearest held-out image (for a held-out image: the
     nearest other one; both sides against the same number of held-out images). A copy is near
     its training image only, so its relative distance drops; a blob's does not. `copied` needs
-    both. mirrored: the model also trained on left-right mirror images (--data.hflip), so they
+    both, the relative quantile below the held-out one by more than `tolerance` and by more than
+    its bootstrap noise (_bootstrap_low). mirrored: the model also trained on left-right mirror images (--data.hflip), so they
     count as training images, and the held-out images' mirrors as held-out ones."""
     both = (lambda x: torch.cat([x, x.flip(-1)])) if mirrored else (lambda x: x)
     n, q = len(held_out), torch.tensor([0.05, 0.5])
