@@ -180,7 +180,7 @@ def markdown(results, pairs):
                 f"| {fmt(m.get('class_min'))} / {fmt(m.get('class_max'))} | | | |")
         m = r["scores"]["model"]
         copy = r["scores"]["copy"]
-        def dists(c, note=""):  # "p5 / median vs held-out's", "!" where the samples sit nearer
+        def dists(c):  # "p5 / median vs held-out's", "!" where the samples sit nearer
             mark = lambda s, h: "!" if s < 0.9 * h else ""  # noqa: E731
             return (f"{c['samples_p5']:.2f}{mark(c['samples_p5'], c['held_out_p5'])} / {c['samples_median']:.2f}"
                     f"{mark(c['samples_median'], c['held_out_median'])} vs {c['held_out_p5']:.2f} / {c['held_out_median']:.2f}")
