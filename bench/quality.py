@@ -115,6 +115,7 @@ def train(run_dir, data, preset, extra, images=None, minutes=None):
 
 def score(run_dir, data, n, ev):
     """jobs.evaluate's scores, the VAE's test ELBO and the memorisation check."""
+    import torch
     from gen import features as feats
     from gen.metrics import copy_check
     from gen.sample import load_generator
@@ -127,7 +128,6 @@ def score(run_dir, data, n, ev):
         out["model_normal_prior"] = ev.score(g.sample(ev.n, seed=1000))
         g.prior = load_or_fit(g, run_dir, data)
     samples = g.sample(ev.n, seed=1000)
-    import torch
     tmp = run_dir / ".bench-samples.pt.tmp"  # the scored samples as uint8, to look at or rescore later
     torch.save(((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), tmp)
     os.replace(tmp, run_dir / "bench-samples.pt")
@@ -144,9 +144,9 @@ def write_nearest(path, samples, train, embed, mirrored=False, k=8):
     too when the model saw mirror images): the copies a memorising model makes would show here."""
     from torchvision.utils import make_grid, save_image
     import torch
-    if mirrored:
-        train = torch.cat([train, train.flip(-1)])
-    dist, nearest = torch.cdist(embed(samples).flatten(1).float(), embed(train).flatten(1).float()).min(dim=1)
+    from gen.metrics import nearest_neighbours, with_mirrors
+    train = with_mirrors(train, mirrored)
+    dist, nearest = nearest_neighbours(embed(samples), embed(train))
     order = dist.argsort()[:k]
     pairs = torch.stack([image for i in order for image in (samples[i], train[nearest[i]])])
     save_image(make_grid((pairs + 1) / 2, nrow=2 * min(k, 4), padding=2, pad_value=1.0), path)

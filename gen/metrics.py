@@ -189,11 +189,21 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
     return results, ev, g
 
 
+def nearest_neighbours(queries, references, chunk=1000):
+    """Each query row's Euclidean distance to its nearest reference row, and that row's index."""
+    queries, references = queries.flatten(1).float(), references.flatten(1).float()
+    found = [torch.cdist(queries[i:i + chunk], references).min(dim=1) for i in range(0, len(queries), chunk)]
+    return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
+
+
 def nearest_distances(queries, references, chunk=1000):
     """Each query row's Euclidean distance to its nearest reference row."""
-    queries, references = queries.flatten(1).float(), references.flatten(1).float()
-    return torch.cat([torch.cdist(queries[i:i + chunk], references).min(dim=1).values
-                      for i in range(0, len(queries), chunk)])
+    return nearest_neighbours(queries, references, chunk)[0]
+
+
+def with_mirrors(images, mirrored=True):
+    """The images followed by their left-right mirror images (a model trained with --data.hflip saw both)."""
+    return torch.cat([images, images.flip(-1)]) if mirrored else images
 
 
 def _bootstrap_low(values, q, resamples=2000, seed=0):
@@ -216,15 +226,17 @@ def copy_check(samples, train, held_out, embed, tolerance=0.1, mirrored=False):
     nearest other one; both sides against the same number of held-out images). A copy is near
     its training image only, so its relative distance drops; a blob's does not. `copied` needs
     both, the relative quantile below the held-out one by more than `tolerance` and by more than
-    its bootstrap noise (_bootstrap_low). mirrored: the model also trained on left-right mirror images (--data.hflip), so they
-    count as training images, and the held-out images' mirrors as held-out ones."""
-    both = (lambda x: torch.cat([x, x.flip(-1)])) if mirrored else (lambda x: x)
+    its bootstrap noise (_bootstrap_low). mirrored: the model also trained on left-right mirror
+    images (--data.hflip), so they count as training images, and the held-out images' mirrors as
+    held-out ones."""
     n, q = len(held_out), torch.tensor([0.05, 0.5])
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[-1] = False  # samples meet n - 1 held-out images, as each held-out image meets the others
+    copies = 2 if mirrored else 1
+    rest = torch.ones(copies * n, dtype=torch.bool)
+    rest[n - 1::n] = False  # samples meet n - 1 held-out images (and mirrors), as each held-out image meets the others
     out = {}
     for space, f in (("pixels", lambda x: x), ("features", embed)):
-        train_f, held_f, samples_f = f(both(train)), f(both(held_out)), f(samples)
+        train_f = f(with_mirrors(train, mirrored))
+        held_f, samples_f = f(with_mirrors(held_out, mirrored)), f(samples)
         d_samples, d_held = nearest_distances(samples_f, train_f), nearest_distances(held_f[:n], train_f)
         among_held = torch.cdist(held_f[:n].flatten(1).float(), held_f.flatten(1).float())
         own = torch.arange(n)
@@ -232,7 +244,7 @@ def copy_check(samples, train, held_out, embed, tolerance=0.1, mirrored=False):
         if mirrored:
             among_held[own, own + n] = float("inf")
         rel_held = d_held / among_held.min(dim=1).values
-        rel_samples = d_samples / nearest_distances(samples_f, f(both(held_out[rest])))
+        rel_samples = d_samples / nearest_distances(samples_f, held_f[rest])
         s5, s50 = torch.quantile(d_samples, q).tolist()
         h5, h50 = torch.quantile(d_held, q).tolist()
         r5, r50 = torch.quantile(rel_samples, q).tolist()
