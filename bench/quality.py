@@ -119,14 +119,14 @@ def score(run_dir, data, n, ev):
     from gen import features as feats
     from gen.metrics import copy_check
     from gen.sample import load_generator
-    from gen.latent_prior import load_or_fit
-    g = load_generator(run_dir)
+    g = load_generator(run_dir, data=data)
     out = {}
     test_x, _ = feats.load_real(data, "test", seed=0)
     if g.is_vae:  # VAEs sample from the ex-post mixture (the default), and are also scored from N(0, I)
         out["test_elbo"] = float(g.elbo(feats.to_float(test_x)).mean())
+        prior, g.prior = g.prior, None
         out["model_normal_prior"] = ev.score(g.sample(ev.n, seed=1000))
-        g.prior = load_or_fit(g, run_dir, data)
+        g.prior = prior
     samples = g.sample(ev.n, seed=1000)
     tmp = run_dir / ".bench-samples.pt.tmp"  # the scored samples as uint8, to look at or rescore later
     torch.save(((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), tmp)

@@ -18,6 +18,7 @@ from . import __version__
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{7})$")
 SAMPLING_WEIGHTS = "sampling.safetensors"
+LATENT_PRIOR = "latent_prior.safetensors"  # a VAE's ex-post latent mixture (gen.latent_prior)
 EXPORT_CONFIG = "config.json"
 
 
@@ -71,9 +72,10 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def save(accelerator, run_dir, step, meta, keep_last, sampling_module):
-    """Every rank calls this (save_state writes per-rank RNG states). `sampling_module` (the EMA
-    copy or the plain target module) goes to sampling.safetensors. Returns the final path.
+def save(accelerator, run_dir, step, meta, keep_last, sampler):
+    """Every rank calls this (save_state writes per-rank RNG states). `sampler()` (called on the
+    main process: gen.sample.sampler_for) gives what is sampled: its module goes to
+    sampling.safetensors, a VAE's latent mixture to latent_prior.safetensors. Returns the final path.
 
     The new checkpoint is complete and renamed before any old one is pruned, so a kill at any
     moment leaves at least the newest complete checkpoint (disk use peaks at keep_last + 1).
@@ -91,8 +93,13 @@ def save(accelerator, run_dir, step, meta, keep_last, sampling_module):
     try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            write_weights(sampling_module, tmp / SAMPLING_WEIGHTS)
-            meta = dict(meta, deepgen_version=__version__, step=step, path=str(final), sampling_weights=SAMPLING_WEIGHTS)
+            g = sampler()
+            write_weights(g.module, tmp / SAMPLING_WEIGHTS)
+            meta = dict(meta, deepgen_version=__version__, step=step, path=str(final), sampling_weights=SAMPLING_WEIGHTS,
+                        batch_stats=g.meta["batch_stats"])
+            if g.prior is not None:
+                write_tensors(g.prior, tmp / LATENT_PRIOR)
+                meta["latent_prior"] = LATENT_PRIOR
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
@@ -135,9 +142,13 @@ def write_failure(root, tmp, error):
     return f"cannot write checkpoint {tmp.name[5:]} in {root}: {error}; {keep}, the partial one was removed"
 
 
-def write_weights(module, path):
+def write_tensors(tensors, path):
     from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_weights(module, path):
+    write_tensors(module.state_dict(), path)
 
 
 def find_weights(path):
@@ -161,8 +172,8 @@ def find_weights(path):
 
 
 def load_sampling_module(path, device="cpu"):
-    """(family, module in eval mode, config, meta), rebuilt from meta and the safetensors file
-    alone: nothing is unpickled."""
+    """(family, module in eval mode, config, meta, saved latent prior or None), rebuilt from meta
+    and the safetensors files alone: nothing is unpickled."""
     from safetensors.torch import load_file
 
     from .config import from_dict
@@ -172,7 +183,9 @@ def load_sampling_module(path, device="cpu"):
     family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0))
     module = family.modules[family.ema_target]
     module.load_state_dict(load_file(str(weights)))
-    return family, module.to(device).eval(), cfg, meta
+    prior_file = weights.parent / meta["latent_prior"] if meta.get("latent_prior") else None
+    prior = load_file(str(prior_file)) if prior_file and prior_file.is_file() else None
+    return family, module.to(device).eval(), cfg, meta, prior
 
 
 def export_weights(path, dest):
@@ -181,7 +194,11 @@ def export_weights(path, dest):
     meta, weights = find_weights(path)
     name = "generator.safetensors" if meta["config"]["model"]["family"] == "gan" else "vae.safetensors"
     shutil.copyfile(weights, Path(dest) / name)
-    shared = {k: meta[k] for k in ("config", "shape", "num_classes", "class_names", "step", "deepgen_version") if k in meta}
+    keys = ("config", "shape", "num_classes", "class_names", "step", "deepgen_version", "batch_stats")
+    shared = {k: meta[k] for k in keys if k in meta}
+    if meta.get("latent_prior") and (weights.parent / meta["latent_prior"]).is_file():
+        shutil.copyfile(weights.parent / meta["latent_prior"], Path(dest) / LATENT_PRIOR)
+        shared["latent_prior"] = LATENT_PRIOR
     (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(dict(shared, sampling_weights=name), indent=1))
     return name, meta
 

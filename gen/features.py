@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import to_float
 from .shard_format import DataError, atomic_write_bytes, read_manifest
 
 log = logging.getLogger("gen.features")
@@ -48,10 +49,6 @@ def load_real(shards, split, limit=None, seed=0):
         raise DataError(f"{shards}: split {split!r} has no readable images")
     x, y = torch.cat(images), torch.cat(labels)
     return (x[:limit], y[:limit]) if limit else (x, y)
-
-
-def to_float(images_u8):
-    return images_u8.float().div(127.5).sub(1.0)
 
 
 # ----------------------------------------------------------------------------- domain networks

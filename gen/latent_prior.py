@@ -4,13 +4,15 @@ second-stage VAE of Dai & Wipf 2019 plays the same role). Latents drawn from N(0
 the holes of the aggregate posterior, where no training image maps, and decode to glyphs no
 one drew; drawn from the mixture they land where the data lies.
 
-    from gen import load_generator, latent_prior
-    g = load_generator("runs/mnist-vae")
-    g.prior = latent_prior.load_or_fit(g, "runs/mnist-vae")  # fitted once, cached in the run dir
-    images = g.sample(64)                                     # from the mixture
+    from gen import load_generator
+    g = load_generator("runs/mnist-vae")     # the mixture saved in the checkpoint
+    images = g.sample(64)                     # from the mixture; load_generator(..., prior="normal"): N(0, I)
 
-`jobs.sample` and `jobs.evaluate` do this by default for VAEs (`--prior normal` to compare).
-The fit is cached as RUN/latent_prior/step-NNNNNNN.safetensors (written atomically)."""
+Every VAE sampler is made this way (gen.sample.sampler_for): the training loop fits the mixture
+whenever it samples or saves and writes it into each checkpoint (latent_prior.safetensors), so
+grids, --eval.every, jobs.sample/evaluate/export and the report all sample the same density.
+Checkpoints from before that get it fitted on first use and cached as
+RUN/latent_prior/step-NNNNNNN.safetensors (written atomically)."""
 import logging
 from pathlib import Path
 
@@ -72,6 +74,12 @@ def sample(prior, n, generator):
     return prior["means"][component] + (prior["scale_tril"][component] @ eps.unsqueeze(-1)).squeeze(-1)
 
 
+def fit_on(g, images, labels, components=None, seed=0):
+    """The mixture for VAE sampler `g`, fitted on the posterior means of uint8 `images`."""
+    from .data import to_float
+    return fit(g.encode(to_float(images), labels), components, seed)
+
+
 def cache_path(g, source):
     from .checkpoint import run_dir_of
     return run_dir_of(source) / "latent_prior" / f"step-{int(g.meta.get('step') or 0):07d}.safetensors"
@@ -93,7 +101,7 @@ def load_or_fit(g, source, data=None, n=FIT_IMAGES, components=None, seed=0):
         return None
     from . import features as feats
     x, labels = feats.load_real(data, g.config.data.split, limit=n, seed=seed)
-    prior = fit(g.encode(feats.to_float(x), labels), components, seed)
+    prior = fit_on(g, x, labels, components, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(prior, tmp, metadata={"images": str(len(x)), "data": str(data), "seed": str(seed)})

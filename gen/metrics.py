@@ -165,7 +165,7 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
     from .checkpoint import run_dir_of
     from .sample import load_generator
     from .shard_format import atomic_write_json
-    g = load_generator(run, device=device)
+    g = load_generator(run, device=device, data=data)
     data = data or g.config.data.path
     if space == "auto":
         space = "inception" if feats.find_inception_weights(inception_weights) else "domain"
@@ -173,10 +173,10 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
     ev = Evaluator(data, n=n, space=space, seed=seed, inception_weights=inception_weights, device=device)
     t1 = time.perf_counter()
     extra = {}
-    if g.is_vae:  # scored with the ex-post latent mixture (the default for sampling), and beside it N(0, I)
-        from .latent_prior import load_or_fit
+    if g.is_vae:  # scored as sampled (the ex-post latent mixture), and beside it from N(0, I)
+        prior, g.prior = g.prior, None
         extra["model_normal_prior"] = ev.score(g.sample(ev.n, seed=seed + 1000))
-        g.prior = load_or_fit(g, run, data, seed=seed)
+        g.prior = prior
         extra["prior"] = g.prior_name
     model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
     results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,

@@ -140,7 +140,8 @@ def render(facts, args):
         imgs = f["images"]
         figures = [(n, imgs[n]) for n in ("samples.png", "interpolations.gif", "reconstructions.png", "manifold.png",
                                           "latent_scatter.png", "classes.png") if n in imgs]
-        panels += f"<section class='run'><h3>{e(f['name'])} <small>{e(f['family'])}, step {f['step']}</small></h3>"
+        drawn = f", latents from the {f['g'].prior_name}" if f["g"].is_vae else ""
+        panels += f"<section class='run'><h3>{e(f['name'])} <small>{e(f['family'])}, step {f['step']}{e(drawn)}</small></h3>"
         panels += "".join(f"<figure><img alt='{e(n)}' src='{data_uri(p)}'><figcaption>{e(n)}</figcaption></figure>"
                           for n, p in figures)
         panels += "</section>"

@@ -3,6 +3,7 @@ models rebuilt from a checkpoint or export alone.
 
     python -m jobs.sample runs/mnist-gan --out samples.png --n 64
 """
+import copy
 import io
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from .batch_stats import batch_norms, recompute_batch_stats
 from .shard_format import atomic_write_bytes
 
 
@@ -111,12 +113,42 @@ class Sampler:
         return torch.cat(out)
 
 
-def load_generator(path, device="cpu"):
+# ----------------------------------------------------------------------------- what is sampled
+
+def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0):
+    """The one sampling policy, for a trained target module (the EMA copy, or the live module
+    without EMA): a copy of it in eval mode whose BatchNorm statistics are recomputed from its
+    own activations (gen.batch_stats), and for a VAE the ex-post latent mixture fitted on
+    `fit_images` ((uint8 images, labels) of the training data; None: N(0, I)). Training-time
+    grids, --eval.every, checkpoints (sampling.safetensors, latent_prior.safetensors) and so
+    every later load_generator, jobs.sample/evaluate/export, the report and the bench sample this."""
+    module = copy.deepcopy(module).to(device)
+    recompute_batch_stats(module, family.generate, cfg.model.latent_dim, meta.get("num_classes", 0), seed=seed,
+                          device=device)
+    g = Sampler(family, module, cfg, dict(meta, batch_stats="recomputed"), device)
+    if g.is_vae and fit_images is not None:
+        from . import latent_prior
+        g.prior = latent_prior.fit_on(g, *fit_images, seed=seed)
+    return g
+
+
+def load_generator(path, device="cpu", prior="auto", data=None):
     """A Sampler from a run dir (newest checkpoint), a checkpoint folder or an export folder.
-    Reads only the config and the safetensors weights: nothing is unpickled."""
+    Reads only the config and safetensors files: nothing is unpickled. The weights come with the
+    BatchNorm statistics and (VAE) latent mixture saved beside them by sampler_for; files from
+    before those were saved get them recomputed here (the mixture fitted on the run's shards and
+    cached in the run dir), and so does a mixture asked for on other shards (`data`).
+    prior="normal": a VAE samples N(0, I) instead."""
+    from . import latent_prior
     from .checkpoint import load_sampling_module
-    family, module, cfg, meta = load_sampling_module(path, device)
-    return Sampler(family, module, cfg, meta, device)
+    family, module, cfg, meta, saved_prior = load_sampling_module(path, device)
+    if meta.get("batch_stats") != "recomputed" and batch_norms(module):
+        recompute_batch_stats(module, family.generate, cfg.model.latent_dim, meta.get("num_classes", 0), device=device)
+    g = Sampler(family, module, cfg, meta, device)
+    if g.is_vae and prior == "auto":
+        other_data = data is not None and Path(data).resolve() != Path(cfg.data.path).resolve()
+        g.prior = saved_prior if saved_prior is not None and not other_data else latent_prior.load_or_fit(g, path, data)
+    return g
 
 
 # ----------------------------------------------------------------------------- figures a user looks at

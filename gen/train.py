@@ -35,8 +35,10 @@ from .config import to_dict, validate
 from .data import make_loader, read_manifest, to_float
 from .ema import EMA
 from .families import build_family
+from .features import load_real
+from .latent_prior import FIT_IMAGES
 from .runlock import RunDirLocked, RunLock
-from .sample import save_grid
+from .sample import sampler_for, save_grid
 from .shard_format import atomic_write_bytes
 
 log = logging.getLogger("gen.train")
@@ -306,27 +308,34 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     if mode:
         state.wandb_run_id = state.wandb_run_id or tracking.new_run_id()
         tracking.init(accelerator, cfg, config_dict, state.wandb_run_id, mode)
-    gen = torch.Generator().manual_seed(tc.seed)  # fixed latents: the same grid every time
-    fixed_z = torch.randn(cfg.log.num_samples, cfg.model.latent_dim, generator=gen).to(accelerator.device)
-    fixed_labels = (torch.arange(cfg.log.num_samples) % max(num_classes, 1)).to(accelerator.device)
+    # What is sampled (gen.sample.sampler_for, the one policy): the EMA weights with BatchNorm
+    # statistics of their own (and a VAE's latent mixture, fitted on training images loaded once),
+    # made at most once per step for the grid, the evaluation and the checkpoint together; under
+    # its own RNG, so the training stream is the same with it or without.
+    rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    sampler_meta = {"shape": list(shape), "num_classes": num_classes, "class_names": manifest.get("class_names")}
+    fit_images, made = None, {}
+    if cfg.model.family == "vae" and accelerator.is_main_process:
+        with torch.random.fork_rng(devices=rng_devices):
+            fit_images = load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)
 
-    def sampling_module():
-        """What samples, evaluations and sampling.safetensors use: the EMA copy when kept."""
-        return ema.module if ema else family.plain[family.ema_target]
+    def sampler_at(step):
+        if step not in made:
+            made.clear()
+            with torch.random.fork_rng(devices=rng_devices):
+                made[step] = sampler_for(family, ema.module if ema else family.plain[family.ema_target], cfg,
+                                         sampler_meta, accelerator.device, fit_images, seed=tc.seed)
+        return made[step]
+
+    fixed_labels = torch.arange(cfg.log.num_samples) % max(num_classes, 1)
 
     def sample_grid(step):
-        module = sampling_module()
-        was_training = module.training
-        module.eval()
-        images = family.generate(module, fixed_z, fixed_labels)
-        module.train(was_training)
+        images = sampler_at(step).sample(cfg.log.num_samples, seed=tc.seed, labels=fixed_labels)  # fixed latents
         grid = save_grid(images, run_dir / "samples" / f"step-{step:07d}.png")
         if mode:
             tracking.log_image(accelerator, "samples", grid, step)
 
-    # Evaluation during training (--eval.every): real features once, then FID/KID of the EMA
-    # weights; its own RNG (fork_rng), so the training stream is the same with it or without.
-    rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    # Evaluation during training (--eval.every): real features once, then FID/KID of what is sampled.
     evaluator = None
     if cfg.eval.every > 0 and accelerator.is_main_process:
         from .metrics import Evaluator
@@ -335,14 +344,9 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
                                   device=accelerator.device, split=cfg.data.split, with_prdc=False)
 
     def evaluate(step):
-        from .sample import Sampler
-        module = sampling_module()
-        was_training = module.training
-        module.eval()
-        sampler = Sampler(family, module, cfg, {"shape": shape, "num_classes": num_classes}, accelerator.device)
+        g = sampler_at(step)
         with torch.random.fork_rng(devices=rng_devices):
-            scores = evaluator.score(sampler.sample(evaluator.n, seed=cfg.eval.seed))
-        module.train(was_training)
+            scores = evaluator.score(g.sample(evaluator.n, seed=cfg.eval.seed))
         record = {"step": step, "time/elapsed_s": state.elapsed, **{f"eval/{k}": v for k, v in scores.items()
                                                                      if isinstance(v, float)}}
         bar.write(f"eval at step {step}: FID {scores['fid']:.3f} (real vs real {evaluator.floors['real_vs_real']['fid']:.3f})"
@@ -358,7 +362,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
                                                                  "num_classes": num_classes,
                                                                  "class_names": manifest.get("class_names"),
                                                                  "wandb_run_id": state.wandb_run_id},
-                                    tc.keep_last, sampling_module())
+                                    tc.keep_last, lambda: sampler_at(step))
 
     def to_device(batch):
         position.update(batch["position"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 def main(argv=None):
     from gen.checkpoint import CheckpointError
+    from gen.shard_format import DataError
     from gen.sample import load_generator, write_figures, write_npz
     p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,16 +36,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
-        g = load_generator(args.run, device=args.device)
-    except (CheckpointError, KeyError, ValueError) as e:
+        g = load_generator(args.run, device=args.device, prior=args.prior, data=args.data)
+    except (CheckpointError, DataError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.truncation is not None and g.is_vae:
         print("error: --truncation is for GANs", file=sys.stderr)
         return 1
-    if g.is_vae and args.prior == "auto":
-        from gen.latent_prior import load_or_fit
-        g.prior = load_or_fit(g, args.run, args.data)
     run = Path(args.run)
     out = Path(args.out or (run / "final" if (run / "checkpoints").is_dir()
                             else run.parent.parent / "final" if run.parent.name == "checkpoints" else run / "final"))
