@@ -3,15 +3,21 @@ import argparse
 import errno
 import logging
 import os
+import random
 import socket
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
+from gen.runlock import RunDirLocked, RunLock
 from gen.shard_format import DataError
 
 from . import PrepError
 from . import shards, sources
+
+PREP_LOCK = ".prep.lock"
 
 log = logging.getLogger("data_prep")
 DEFAULT_CACHE = Path.home() / ".cache" / "deepgen"
@@ -89,6 +95,28 @@ def open_source(args):
     return sources.open_folder(args.path, dataset=name)
 
 
+@contextmanager
+def one_writer(out):
+    """One data_prep at a time writes a folder (every task of a multi-task SLURM job runs the same
+    prep line): the others wait for its lock, then find its shards complete and keep them. A lock
+    whose owner is gone (dead pid, no heartbeat) is taken over, as a run dir's is."""
+    lock, waiting = RunLock(out, name=PREP_LOCK), False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except RunDirLocked:
+            if not waiting:
+                print(f"data_prep: {out} is being written by another data_prep ({lock.holder()}); waiting for it",
+                      file=sys.stderr)
+                waiting = True
+            time.sleep(0.5 + random.random())
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     warnings.filterwarnings("ignore", module="webdataset")
@@ -121,10 +149,11 @@ def main(argv=None):
         if getattr(args, "size", None):
             source.size = args.size
         opts = {k: v for k, v in vars(args).items() if k not in ("workers", "overwrite", "out", "cache_dir")}
-        manifest = shards.write_shards(
-            source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
-            overwrite=args.overwrite, crop=getattr(args, "crop", "pad"), grayscale=getattr(args, "grayscale", False),
-            prep_args=opts)
+        with one_writer(args.out):
+            manifest = shards.write_shards(
+                source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+                overwrite=args.overwrite, crop=getattr(args, "crop", "pad"), grayscale=getattr(args, "grayscale", False),
+                prep_args=opts)
         counts = ", ".join(f"{k} {v['count']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
         print(f"{manifest['dataset']}: {counts}; {manifest['image_size']}px x {manifest['channels']}ch; "
               f"{len(manifest['skipped'])} skipped -> {args.out}")

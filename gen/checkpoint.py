@@ -2,19 +2,31 @@
 into a temporary folder that is renamed only when complete (a kill leaves the previous ones
 intact). `meta.json` inside (deepgen version, config, step, W&B run id) marks a complete one.
 
+Durable before visible: every file and the folder are fsynced before the rename, the parent after
+it, so a node crash or power loss cannot leave a renamed folder of empty or partial files.
+meta.json records each file's size and sha256 (and its own checksum); `verify` checks them, so
+bit rot, an interrupted copy or a quota hit is found before anything is loaded. `--train.resume
+auto` takes the newest checkpoint that verifies and moves a damaged one aside
+(`damaged-checkpoint-NNNNNNN`, kept, never deleted); sampling, evaluation and export name the
+damaged file in one line.
+
 This module is the only reader of checkpoints. Besides Accelerate's training state (which
 resume needs, and which holds pickles), every checkpoint has `sampling.safetensors`: the
 weights sampling uses (the EMA copy when one is kept), named in meta.json. Sampling,
 evaluation and export read only meta.json and that file, so no pickle is ever loaded from a
 checkpoint someone else wrote. An export folder (`python -m jobs.export`) holds the same two
 things under shareable names: `config.json` and `generator.safetensors` / `vae.safetensors`."""
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 from . import __version__
+
+log = logging.getLogger("gen.checkpoint")
 
 CKPT_RE = re.compile(r"^checkpoint-(\d{7})$")
 SAMPLING_WEIGHTS = "sampling.safetensors"
@@ -24,6 +36,75 @@ EXPORT_CONFIG = "config.json"
 
 class CheckpointError(Exception):
     """A checkpoint cannot be used: incompatible config, torn or missing."""
+
+
+def fsync_path(path):
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_records(folder, skip=("meta.json",)):
+    """{name: {"size", "sha256"}} of every file in `folder` (flat, as save_state writes it)."""
+    from .shard_format import sha256_file
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name not in skip}
+
+
+def _meta_checksum(meta):
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(meta):
+    """meta with its own checksum (a flipped bit in meta.json is found like one in any other file)."""
+    return dict(meta, meta_sha256=_meta_checksum(meta))
+
+
+def verify(folder, meta_name="meta.json", names=None):
+    """None if the checkpoint (or export) folder is intact, else one line naming the first damaged
+    file and how. `names`: only those files (and the meta). Folders written before checksums
+    were recorded only need a readable meta."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / meta_name).read_text())
+    except FileNotFoundError:
+        return f"{folder / meta_name}: missing"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{folder / meta_name}: unreadable ({type(e).__name__})"
+    if not isinstance(meta, dict):
+        return f"{folder / meta_name}: not a deepgen meta file"
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_checksum(meta):
+        return f"{folder / meta_name}: checksum mismatch (the file was changed or damaged)"
+    from .shard_format import sha256_file
+    for name, want in (meta.get("files") or {}).items():
+        if names is not None and name not in names:
+            continue
+        path = folder / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path}: {size:,} bytes, {want['size']:,} expected (truncated or incomplete)"
+        if sha256_file(path) != want["sha256"]:
+            return f"{path}: sha256 mismatch (damaged)"
+    return None
+
+
+def set_aside(path, why):
+    """Rename a damaged checkpoint to damaged-checkpoint-NNNNNNN (kept for inspection, no longer
+    resumed from or pruned). Returns the new path."""
+    path = Path(path)
+    dest = path.with_name(f"damaged-{path.name}")
+    n = 1
+    while dest.exists():
+        dest, n = path.with_name(f"damaged-{path.name}.{n}"), n + 1
+    os.replace(path, dest)
+    (dest / "DAMAGED.txt").write_text(why + "\n")
+    return dest
 
 
 def checkpoints(run_dir):
@@ -39,15 +120,25 @@ def checkpoints(run_dir):
 
 
 def resolve_resume(run_dir, resume):
-    """The checkpoint folder to resume from, or None. `auto`: newest complete one in run_dir."""
+    """The checkpoint folder to resume from, or None. `auto`: the newest one in run_dir that
+    verifies; each damaged newer one is set aside with one warning line. A named one that does
+    not verify is a CheckpointError."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
-        found = checkpoints(run_dir)
-        return str(found[0][1]) if found else None
+        for _, path in checkpoints(run_dir):
+            why = verify(path)
+            if why is None:
+                return str(path)
+            aside = set_aside(path, why)
+            log.warning("skipped checkpoint %s: %s; moved aside to %s", path.name, why, aside.name)
+        return None
     path = Path(resume)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"--train.resume {resume}: not a complete deepgen checkpoint (no meta.json)")
+    why = verify(path)
+    if why:
+        raise CheckpointError(f"--train.resume {resume}: damaged checkpoint: {why}")
     return str(path)
 
 
@@ -81,7 +172,6 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
     moment leaves at least the newest complete checkpoint (disk use peaks at keep_last + 1).
     A failed write (disk full) removes the partial folder and raises one CheckpointError on
     every rank, naming the path and the space needed."""
-    from accelerate.utils import gather_object
     root = Path(run_dir) / "checkpoints"
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
@@ -100,13 +190,21 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
             if g.prior is not None:
                 write_tensors(g.prior, tmp / LATENT_PRIOR)
                 meta["latent_prior"] = LATENT_PRIOR
+    except Exception as e:  # a full disk: OSError, torch's RuntimeError ("file write failed"), SafetensorError
+        error = _one_line(e)
+    errors = _all_errors(accelerator, error)  # also: every rank's files are written before they are sealed
+    if not errors and accelerator.is_main_process:
+        try:  # durable before visible: every file, meta.json and the folder on disk before the rename
+            for p in tmp.iterdir():
+                fsync_path(p)
             with open(tmp / "meta.json", "w") as f:
-                json.dump(meta, f, indent=1)
+                json.dump(sealed(dict(meta, files=file_records(tmp))), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-    except Exception as e:  # a full disk: OSError, torch's RuntimeError ("file write failed"), SafetensorError
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    errors = [m for m in gather_object([error]) if m] if accelerator.num_processes > 1 else [m for m in [error] if m]
+            fsync_path(tmp)
+        except Exception as e:
+            error = _one_line(e)
+    errors = errors or _all_errors(accelerator, error)
     if errors:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -115,12 +213,24 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(root)
         for _, old in checkpoints(run_dir)[max(keep_last, 1):]:  # the newest (this one) is never pruned
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-checkpoint-*"):  # torn by an earlier kill
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def _one_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _all_errors(accelerator, error):
+    """Every rank's error (a collective: all ranks call it), or []."""
+    from accelerate.utils import gather_object
+    found = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    return [m for m in found if m]
 
 
 def folder_bytes(path):
@@ -152,23 +262,48 @@ def write_weights(module, path):
 
 
 def find_weights(path):
-    """(meta, weights file) of a checkpoint folder, a run dir (its newest checkpoint) or an export folder."""
+    """(meta, weights file) of a checkpoint folder, a run dir (its newest checkpoint that verifies)
+    or an export folder; the files read are verified against their recorded sizes and sha256s."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run dir, checkpoint or export folder")
-    if (path / "meta.json").is_file():
-        meta = read_meta(path)
-    elif (path / EXPORT_CONFIG).is_file() and "sampling_weights" in json.loads((path / EXPORT_CONFIG).read_text()):
-        meta = json.loads((path / EXPORT_CONFIG).read_text())
+    # an export folder: config.json and no checkpoints (a run dir has a config.json too)
+    export = not (path / "meta.json").exists() and not (path / "checkpoints").is_dir() and (path / EXPORT_CONFIG).is_file()
+    if export or (path / "meta.json").exists():
+        meta_name = EXPORT_CONFIG if export else "meta.json"
+        why = verify(path, meta_name, names=())
+        if why:
+            raise CheckpointError(f"damaged {'export' if export else 'checkpoint'}: {why}")
+        meta = json.loads((path / meta_name).read_text())
+        if export and "sampling_weights" not in meta:
+            raise CheckpointError(f"{path}: {EXPORT_CONFIG} is not a deepgen export's")
     else:
         found = checkpoints(path)
         if not found:
             raise CheckpointError(f"{path}: no complete checkpoint (checkpoints/checkpoint-*/meta.json) or export (config.json)")
-        return find_weights(found[0][1])
+        for _, ckpt in found:
+            why = verify(ckpt, names=_sampling_files(ckpt))
+            if why is None:
+                return find_weights(ckpt)
+            log.warning("skipped damaged checkpoint %s: %s", ckpt.name, why)
+        raise CheckpointError(f"{path}: every checkpoint is damaged (newest: {verify(found[0][1])})")
     if "sampling_weights" not in meta or not (path / meta["sampling_weights"]).is_file():
         raise CheckpointError(f"{path}: no sampling weights (written by an older deepgen?); "
                               "train one more checkpoint with `--train.resume auto` to write them")
+    why = verify(path, meta_name, names=_sampling_files(path, meta))
+    if why:
+        raise CheckpointError(f"damaged {'export' if export else 'checkpoint'}: {why}")
     return meta, path / meta["sampling_weights"]
+
+
+def _sampling_files(folder, meta=None):
+    """The files sampling reads from a checkpoint or export folder."""
+    if meta is None:
+        try:
+            meta = read_meta(folder)
+        except (OSError, ValueError):
+            return ()
+    return tuple(meta[k] for k in ("sampling_weights", "latent_prior") if meta.get(k))
 
 
 def load_sampling_module(path, device="cpu"):
@@ -182,9 +317,12 @@ def load_sampling_module(path, device="cpu"):
     cfg = from_dict(meta["config"])
     family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0))
     module = family.modules[family.ema_target]
-    module.load_state_dict(load_file(str(weights)))
     prior_file = weights.parent / meta["latent_prior"] if meta.get("latent_prior") else None
-    prior = load_file(str(prior_file)) if prior_file and prior_file.is_file() else None
+    try:
+        module.load_state_dict(load_file(str(weights)))
+        prior = load_file(str(prior_file)) if prior_file and prior_file.is_file() else None
+    except Exception as e:  # SafetensorError, or a size mismatch, in a folder written without checksums
+        raise CheckpointError(f"cannot load the sampling weights in {weights.parent}: {_one_line(e)}") from None
     return family, module.to(device).eval(), cfg, meta, prior
 
 
@@ -199,7 +337,8 @@ def export_weights(path, dest):
     if meta.get("latent_prior") and (weights.parent / meta["latent_prior"]).is_file():
         shutil.copyfile(weights.parent / meta["latent_prior"], Path(dest) / LATENT_PRIOR)
         shared["latent_prior"] = LATENT_PRIOR
-    (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(dict(shared, sampling_weights=name), indent=1))
+    files = {n: r for n, r in file_records(dest).items() if n in (name, LATENT_PRIOR)}  # the checksums travel
+    (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(sealed(dict(shared, sampling_weights=name, files=files)), indent=1))
     return name, meta
 
 

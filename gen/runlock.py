@@ -50,8 +50,8 @@ def describe(owner):
 
 
 class RunLock:
-    def __init__(self, run_dir):
-        self.path = Path(run_dir) / LOCK
+    def __init__(self, run_dir, name=LOCK):
+        self.path = Path(run_dir) / name
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
                       "token": f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"}
         self._stop = threading.Event()
@@ -111,6 +111,10 @@ class RunLock:
                 self._write()
             except OSError:
                 pass  # a full disk must not kill the run from this thread; the next beat retries
+
+    def holder(self):
+        """Who holds the lock now, in words."""
+        return describe(self._read() or {})
 
     def release(self):
         self._stop.set()
