@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of the training step (issue: loop correct and fast on GPUs), run on a GPU machine
 # from the repo root with the Pokémon zip at .gpu/ and wheels at .whl/ (machines without network):
-#   bash bench/gpu_step.sh [OUT_DIR]
+#   bash bench/gpu_step.sh [OUT_DIR]          # PROFILE_ONLY=1: just the profiles (~5 min)
+# 0. profile_step per preset (bf16) and fp32 with TF32 on/off: top kernels, launches per step, FLOPs,
+#    TFLOP/s, loop vs bare reference step;
 # 1. bench_step --matrix on the 819 Pokémon at 64 px: img/s for gan/vae x fp32/bf16/fp16
 #    (+ channels_last, torch.compile with bf16), beside the loader's own img/s;
 # 2. fp16 with its grad scaler: finite losses, scaler state in the checkpoint, resume k+k vs 2k.
@@ -13,6 +15,19 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 WANDB_MODE=disabled DEEPGEN_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -m data_prep folder .gpu/pokemon-819-128px.zip --out /tmp/poke64 --size 64 2>&1 | tail -1
+# issue 24: the real loop profiled beside the bare reference step, each preset at its own batch and
+# width, 64 px, bf16; then fp32 with TF32 on and off (bench/profile_step.py; JSON beside each log)
+if [ -z "${SKIP_PROFILE:-}" ]; then
+  for preset in gan-small-data gan vae; do
+    python3 bench/profile_step.py --preset "$preset" --data /tmp/poke64 --precision bf16 --steps 120 --warmup 40 \
+        --out "$OUT/profile-$preset.json" 2>&1 | grep -v "step/s" | tee "$OUT/profile-$preset.txt" | tail -4
+  done
+  for tf32 in on off; do
+    python3 bench/profile_step.py --preset gan-small-data --data /tmp/poke64 --precision no --tf32 $tf32 \
+        --steps 80 --warmup 30 --out "$OUT/profile-fp32-tf32-$tf32.json" 2>&1 | tail -1
+  done
+fi
+[ -n "${PROFILE_ONLY:-}" ] && exit 0
 if [ -z "${SKIP_MATRIX:-}" ]; then
   python3 bench/bench_step.py --matrix --data /tmp/poke64 --batch-size 128 --width 64 --steps 100 --workers 4 2>&1 | tee "$OUT/matrix.txt"
   # a 4x larger batch: the GPU share of the step grows (fp32 convolutions already run as TF32)

@@ -216,7 +216,9 @@ def write_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg, keep_process_group=False):
+def train(cfg, keep_process_group=False, on_step=None):
+    """Train to cfg.train.steps (resuming per cfg.train.resume). `on_step(step)` is called after each
+    optimizer step (a profiler's step(), bench/profile_step.py); the loop never depends on it."""
     # Setup: one Accelerator for devices, DDP, accumulation and mixed precision.
     # (DDP warns once per process that a 1x1 conv's grad layout differs from its bucket: harmless)
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -253,13 +255,14 @@ def train(cfg, keep_process_group=False):
     if refused[0]:
         raise RunDirLocked(refused[0])
     try:
-        return _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, run_dir, keep_process_group)
+        return _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, run_dir, keep_process_group,
+                      on_step)
     finally:
         if lock:
             lock.release()
 
 
-def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, run_dir, keep_process_group):
+def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, run_dir, keep_process_group, on_step):
     tc = cfg.train
 
     # Model family: modules and optimizers, prepared together.
@@ -405,6 +408,8 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
                 window_steps += 1
                 check_steps += 1
                 bar.update(1)
+                if on_step:
+                    on_step(step)
 
                 save_now = step % tc.ckpt_every == 0 or step == tc.steps
                 stop_now = False
