@@ -85,7 +85,7 @@ def pokemon_shards(out, size=64, zip_path=POKEMON_ZIP):
     return out / "pokemon"
 
 
-def train(run_dir, data, preset, extra, images=None, minutes=None):
+def train(run_dir, data, preset, extra, images=None, minutes=None, eval_n=2000):
     """Train to `images` seen or for `minutes` of wall time, whichever comes first: then SIGTERM,
     which the loop answers with a checkpoint at the step it reached (its tested stop path)."""
     from gen.config import parse
@@ -93,11 +93,13 @@ def train(run_dir, data, preset, extra, images=None, minutes=None):
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps = max(2, math.ceil(images / per_step)) if images else 10**8
     every = max(1, steps // 20) if images else 100
+    evals = max(1, steps // 8) if images else 500  # the FID curve (--eval.every): best vs final checkpoint
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(data),
                              "--train.run_dir", str(run_dir), *extra, "--train.steps", str(steps),
                              "--train.log_every", str(every), "--train.sample_every", str(steps),
-                             "--train.ckpt_every", str(steps), "--log.wandb", "off"],
+                             "--train.ckpt_every", str(steps), "--eval.every", str(evals), "--eval.n", str(eval_n),
+                             "--log.wandb", "off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         _, stderr = proc.communicate(timeout=None if minutes is None else minutes * 60)
@@ -109,8 +111,14 @@ def train(run_dir, data, preset, extra, images=None, minutes=None):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if proc.returncode == 0 and minutes is not None:  # the step of the newest checkpoint: where it stopped
         steps = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    curve = [(r["step"], r["eval/fid"]) for r in rows if "eval/fid" in r]
+    best = min(curve, key=lambda c: c[1]) if curve else (None, None)
+    final = curve[-1][1] if curve else None
     return {"steps": steps, "images": steps * per_step, "wall_s": time.perf_counter() - t0,
-            "train_s": rows[-1]["time/elapsed_s"]}
+            "train_s": next(r["time/elapsed_s"] for r in reversed(rows) if "time/elapsed_s" in r),
+            "fid_curve": curve, "best_fid": best[1], "best_step": best[0], "final_fid": final,
+            # a run that ended well past its best: the preset's budget or stability is off
+            "final_worse": bool(curve) and final > 1.2 * best[1]}
 
 
 def score(run_dir, data, n, ev):
@@ -128,10 +136,12 @@ def score(run_dir, data, n, ev):
         out["model_normal_prior"] = ev.score(g.sample(ev.n, seed=1000))
         g.prior = prior
     samples = g.sample(ev.n, seed=1000)
+    from gen.metrics import seed_spread
     tmp = run_dir / ".bench-samples.pt.tmp"  # the scored samples as uint8, to look at or rescore later
     torch.save(((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), tmp)
     os.replace(tmp, run_dir / "bench-samples.pt")
     out["model"] = ev.score(samples)
+    out["model"].update(seed_spread(ev, g, 0, 3, out["model"]))  # FID/KID over 3 sample seeds: the noise
     train_x, _ = feats.load_real(data, "train", seed=0)
     train = feats.to_float(train_x)
     out["copy"] = copy_check(samples, train, feats.to_float(test_x), ev.embed, mirrored=g.config.data.hflip)
@@ -165,17 +175,18 @@ def fmt(v, spec=".3f"):
 
 
 def markdown(results, pairs):
-    lines = ["| data | model | images seen | train min | FID (floor) | KID | precision | recall | coverage "
+    lines = ["| data | model | images seen | train min | FID (floor) | FID over 3 seeds | FID curve: best (step) / final "
+             "| KID | precision | recall | coverage "
              "| legibility (real) | rarest / commonest class | test ELBO | NN dist p5 / median: samples vs held-out (features; pixels) "
              "| the same relative to the nearest held-out image (features; pixels) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         floor = r["floor"]
         if "model_normal_prior" in r["scores"]:
             m = r["scores"]["model_normal_prior"]
             lines.append(
                 f"| {r['data']} | {r['label']}, N(0, I) latents | {r['images']:,} | {r['train_s'] / 60:.1f} | "
-                f"{fmt(m['fid'], '.2f')} ({fmt(floor['fid'], '.2f')}) | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} "
+                f"{fmt(m['fid'], '.2f')} ({fmt(floor['fid'], '.2f')}) | | | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} "
                 f"| {fmt(m.get('recall'))} | {fmt(m.get('coverage'))} | {fmt(m.get('legibility'))} ({fmt(floor.get('legibility'))}) "
                 f"| {fmt(m.get('class_min'))} / {fmt(m.get('class_max'))} | | | |")
         m = r["scores"]["model"]
@@ -185,9 +196,13 @@ def markdown(results, pairs):
             return (f"{c['samples_p5']:.2f}{mark(c['samples_p5'], c['held_out_p5'])} / {c['samples_median']:.2f}"
                     f"{mark(c['samples_median'], c['held_out_median'])} vs {c['held_out_p5']:.2f} / {c['held_out_median']:.2f}")
         copied = " **COPYING**" if any(v["copied"] for v in copy.values()) else ""
+        spread = f"{m['fid_range'][0]:.2f}-{m['fid_range'][1]:.2f}" if "fid_range" in m else "-"
+        curve = (f"{r['best_fid']:.2f} ({r['best_step']}) / {r['final_fid']:.2f}"
+                 + (" **final > 1.2x best**" if r["final_worse"] else "")) if r.get("fid_curve") else "-"
         lines.append(
             f"| {r['data']} | {r['label']} | {r['images']:,} | {r['train_s'] / 60:.1f} | {fmt(m['fid'], '.2f')} "
-            f"({fmt(floor['fid'], '.2f')}) | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} | {fmt(m.get('recall'))} "
+            f"({fmt(floor['fid'], '.2f')}) | {spread} | {curve} | {fmt(m['kid_mean'], '.4f')} | {fmt(m.get('precision'))} "
+            f"| {fmt(m.get('recall'))} "
             f"| {fmt(m.get('coverage'))} | {fmt(m.get('legibility'))} ({fmt(floor.get('legibility'))}) "
             f"| {fmt(m.get('class_min'))} / {fmt(m.get('class_max'))} | {fmt(r['scores'].get('test_elbo'), '.1f')} "
             f"| {dists(copy['features'])}; {dists(copy['pixels'])} "
@@ -264,7 +279,7 @@ def main():
                 run_dir = out / "runs" / f"{name}-{label.replace(' ', '-')}"
                 print(f"{name}: training {preset} for " + (f"{images:,} images" if images else f"{args.minutes} minutes")
                       + " ...", flush=True)
-                facts = train(run_dir, data, preset, extra, images, args.minutes)
+                facts = train(run_dir, data, preset, extra, images, args.minutes, args.n)
                 scores, grid = score(run_dir, data, args.n, ev)
                 os.replace(run_dir / "nearest.png", out / f"nearest-{run_dir.name}.png")
                 pair_results.append({"data": name, "preset": preset, "label": label, "args": extra, **facts, "scores": scores,

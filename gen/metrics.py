@@ -159,9 +159,23 @@ class Evaluator:
         return out
 
 
+def seed_spread(ev, g, seed, seeds, first, truncation=None):
+    """FID and KID of `seeds` sample sets (sample seeds seed+1000, +1001, ...; `first` is the first
+    one's scores) as {"fid_seeds": [...], "fid_range": [lo, hi], likewise kid}: the noise two
+    models or checkpoints are held against (a difference inside it is no difference)."""
+    fids, kids = [first["fid"]], [first["kid_mean"]]
+    for i in range(1, seeds):
+        s = scores(ev.real_f, ev.embed(g.sample(ev.n, seed=seed + 1000 + i, truncation=truncation)), ev.seed,
+                   with_prdc=False)
+        fids.append(s["fid"])
+        kids.append(s["kid_mean"])
+    return {"fid_seeds": fids, "fid_range": [min(fids), max(fids)], "kid_seeds": kids, "kid_range": [min(kids), max(kids)]}
+
+
 def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weights=None, truncation=None,
-                 device="cpu"):
-    """Score a run and write RUN/eval/metrics.json; returns (results, evaluator, sampler)."""
+                 device="cpu", seeds=3):
+    """Score a run and write RUN/eval/metrics.json; returns (results, evaluator, sampler). FID and
+    KID also over `seeds` sample seeds (seed_spread)."""
     from .checkpoint import run_dir_of
     from .sample import load_generator
     from .shard_format import atomic_write_json
@@ -179,8 +193,9 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
         g.prior = prior
         extra["prior"] = g.prior_name
     model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
+    model.update(seed_spread(ev, g, seed, seeds, model, truncation))
     results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,
-               "seed": seed, "truncation": truncation, "model": model, **extra, "floors": ev.floors,
+               "seed": seed, "seeds": seeds, "truncation": truncation, "model": model, **extra, "floors": ev.floors,
                "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
                                                          "sample_and_score": round(time.perf_counter() - t1, 1)}}
     out = run_dir_of(run) / "eval"

@@ -115,11 +115,12 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- what is sampled
 
-def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0):
+def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0, components=None):
     """The one sampling policy, for a trained target module (the EMA copy, or the live module
     without EMA): a copy of it in eval mode whose BatchNorm statistics are recomputed from its
     own activations (gen.batch_stats), and for a VAE the ex-post latent mixture fitted on
-    `fit_images` ((uint8 images, labels) of the training data; None: N(0, I)). Training-time
+    `fit_images` ((uint8 images, labels) of the training data; None: N(0, I)), with `components`
+    Gaussians (None: the size chosen by held-out likelihood, gen.latent_prior). Training-time
     grids, --eval.every, checkpoints (sampling.safetensors, latent_prior.safetensors) and so
     every later load_generator, jobs.sample/evaluate/export, the report and the bench sample this."""
     module = copy.deepcopy(module).to(device)
@@ -128,7 +129,7 @@ def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0
     g = Sampler(family, module, cfg, dict(meta, batch_stats="recomputed"), device)
     if g.is_vae and fit_images is not None:
         from . import latent_prior
-        g.prior = latent_prior.fit_on(g, *fit_images, seed=seed)
+        g.prior = latent_prior.fit_on(g, *fit_images, components=components, seed=seed)
     return g
 
 

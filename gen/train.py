@@ -321,7 +321,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     # its own RNG, so the training stream is the same with it or without.
     rng_devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     sampler_meta = {"shape": list(shape), "num_classes": num_classes, "class_names": manifest.get("class_names")}
-    fit_images, made = None, {}
+    fit_images, made, mixture_size = None, {}, {}
     if cfg.model.family == "vae" and accelerator.is_main_process:
         with torch.random.fork_rng(devices=rng_devices):
             fit_images = load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)
@@ -329,9 +329,15 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
     def sampler_at(step):
         if step not in made:
             made.clear()
+            # a VAE's mixture size is chosen (~15 s on a CPU) where a checkpoint is written; grids and
+            # evaluations in between refit that size to the current weights (~2 s)
+            choose = step % tc.ckpt_every == 0 or step == tc.steps or not mixture_size
             with torch.random.fork_rng(devices=rng_devices):
                 made[step] = sampler_for(family, ema.module if ema else family.plain[family.ema_target], cfg,
-                                         sampler_meta, accelerator.device, fit_images, seed=tc.seed)
+                                         sampler_meta, accelerator.device, fit_images, seed=tc.seed,
+                                         components=None if choose else mixture_size["k"])
+            if made[step].prior is not None:
+                mixture_size["k"] = len(made[step].prior["weights"])
         return made[step]
 
     fixed_labels = torch.arange(cfg.log.num_samples) % max(num_classes, 1)

@@ -49,6 +49,7 @@ def main(argv=None):
     p.add_argument("--space", choices=("auto", "domain", "inception"), default="auto")
     p.add_argument("--inception-weights", default=None, help="FID Inception weights file (pt_inception-2015-12-05)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="sample sets for FID/KID's spread (first: --seed's)")
     p.add_argument("--truncation", type=float, default=None, help="GAN truncation threshold")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
@@ -60,7 +61,7 @@ def main(argv=None):
     from gen.shard_format import DataError
     try:
         results, ev, g = evaluate_run(args.run, args.data, args.n, args.space, args.seed, args.inception_weights,
-                                      args.truncation, args.device)
+                                      args.truncation, args.device, max(1, args.seeds))
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -69,6 +70,10 @@ def main(argv=None):
     print(f"{Path(args.run)} at step {results['step']}: n={ev.n}, features: {ev.space}"
           + (f"; VAE latents from the {results['prior']}" if "prior" in results else ""))
     print(table(results))
+    if len(model.get("fid_seeds", [])) > 1:
+        lo, hi = model["fid_range"]
+        print(f"FID over {len(model['fid_seeds'])} sample seeds: {lo:.3f}-{hi:.3f}; KID {model['kid_range'][0]:.4f}-"
+              f"{model['kid_range'][1]:.4f} (differences inside these are noise)")
     if ev.labeled:
         names = ev.domain_info.get("class_names") or []
         hist = ", ".join(f"{n}:{v:.3f}" for n, v in zip(names, model["class_hist"]))
