@@ -93,7 +93,7 @@ def train(run_dir, data, preset, extra, images=None, minutes=None, eval_n=2000):
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps = max(2, math.ceil(images / per_step)) if images else 10**8
     every = max(1, steps // 20) if images else 100
-    evals = max(1, steps // 8) if images else 500  # the FID curve (--eval.every): best vs final checkpoint
+    evals = max(2, steps // 8) if images else 500  # the FID curve (--eval.every): best vs final checkpoint
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(data),
                              "--train.run_dir", str(run_dir), *extra, "--train.steps", str(steps),

@@ -285,7 +285,8 @@ def test_sampling_and_export_read_no_pickle(mnist_shards, tmp_path):
     audit = json.loads(record.read_text())
     assert audit["code"] == 0 and audit["unpickled"] == []
     read_from_ckpt = [f for f in audit["opened"] if f.startswith(str(bare))]
-    assert read_from_ckpt and all(f.endswith(".json") for f in read_from_ckpt), read_from_ckpt  # safetensors: mmap
+    # meta.json, and the safetensors as bytes for its sha256 (its tensors are mmapped): nothing else
+    assert read_from_ckpt and all(f.endswith((".json", ".safetensors")) for f in read_from_ckpt), read_from_ckpt
     assert not [f for f in audit["opened"] if f.endswith((".pkl", ".bin", ".pt"))]
     from PIL import Image
     assert Image.open(tmp_path / "s/samples.png").size[0] > 28
