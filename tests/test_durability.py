@@ -91,7 +91,7 @@ def test_damaged_checkpoint_or_export_is_one_line_for_every_command(twenty_steps
     damage_file(tmp_path / "export/generator.safetensors", "truncate")
     for args in (["-m", "jobs.sample", str(ckpt), "--out", str(tmp_path / "s")],
                  ["-m", "jobs.export", str(ckpt), "--out", str(tmp_path / "e2")],
-                 ["-m", "jobs.evaluate", str(ckpt), "--n", "50", "--no-wandb"],
+                 ["-m", "jobs.evaluate", str(ckpt), "--n", "50", "--no-wandb", "--seeds", "1"],
                  ["-m", "jobs.sample", str(tmp_path / "export"), "--out", str(tmp_path / "s2")]):
         proc = run(args)
         lines = proc.stderr.strip().splitlines()

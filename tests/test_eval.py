@@ -68,14 +68,18 @@ def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run, tmp_path):
     rr, blur, noise = (floors[k]["fid"] for k in ("real_vs_real", "blurred_real", "noise"))
     assert rr < 0.1 * blur and blur < noise, floors
     assert floors["real_vs_real"]["precision"] > 0.8 and floors["noise"]["precision"] == 0
+    # FID over 3 sample seeds: the first is --seed's own, the others are other samples
+    model = first["model"]
+    assert len(model["fid_seeds"]) == 3 and model["fid_seeds"][0] == model["fid"] and "FID over 3 sample seeds" in proc.stdout
+    assert model["fid_range"] == [min(model["fid_seeds"]), max(model["fid_seeds"])] and len(set(model["fid_seeds"])) == 3
     assert 0.85 <= floors["real_vs_real"]["legibility"] <= 1.0  # 0.89-0.9+ by CPU type with the 150-step net
     # the same seed gives the same metrics, also with the domain network trained again from scratch
     fresh = dict(env, DEEPGEN_CACHE=str(tmp_path / "cache2"))
-    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb"], env=fresh, check=True)
+    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb"], env=fresh, check=True)  # 3 seeds again
     again = json.loads((gan_run / "eval/metrics.json").read_text())
     assert again["model"] == first["model"] and again["floors"] == first["floors"]
     # and another seed gives other samples, so other numbers (the check can fail)
-    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb", "--seed", "1"], env=env, check=True)
+    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb", "--seed", "1", "--seeds", "1"], env=env, check=True)
     assert json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"] != first["model"]["fid"]
 
 
@@ -85,7 +89,7 @@ def test_scores_go_to_the_runs_own_wandb_run(eval_env, gan_run):
     from wandb_records import history, records, run_id
     _, env, _ = eval_env
     before = set(gan_run.glob("wandb/offline-run-*"))
-    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "300"], env=env, check=True)
+    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "300", "--seeds", "1"], env=env, check=True)
     assert "logged to the run's W&B run" in proc.stdout
     new = sorted(set(gan_run.glob("wandb/offline-run-*")) - before)
     train_file = next(next(iter(before)).glob("run-*.wandb"))
@@ -103,7 +107,7 @@ def test_a_shorter_run_scores_worse(eval_env, gan_run):
     fids = {}
     for step in (20, 200):
         ckpt = gan_run / f"checkpoints/checkpoint-{step:07d}"
-        run(["-m", "jobs.evaluate", str(ckpt), "--n", "500", "--no-wandb"], env=env, check=True)
+        run(["-m", "jobs.evaluate", str(ckpt), "--n", "500", "--no-wandb", "--seeds", "1"], env=env, check=True)
         fids[step] = json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"]
     assert fids[200] < 0.7 * fids[20], fids
 
@@ -203,7 +207,8 @@ def test_inception_space_runs_from_a_local_weights_file(eval_env, gan_run, tmp_p
     weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), weights)
     _, env, _ = eval_env
-    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "100", "--inception-weights", str(weights), "--no-wandb"],
+    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "100", "--inception-weights", str(weights), "--no-wandb",
+                "--seeds", "1"],
                env=env, check=True)
     result = json.loads((gan_run / "eval/metrics.json").read_text())
     assert result["space"].startswith("inception-v3 pool3 (2048-d)") and "inception-v3" in proc.stdout
@@ -283,7 +288,7 @@ def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_p
     assert (torch.cov(drawn.T) - torch.cov(z.T)).abs().max() < 0.1 * torch.cov(z.T).abs().max()
     normal = run(["-m", "jobs.sample", str(vae_run), "--prior", "normal", "--out", str(tmp_path / "n")], env=env, check=True)
     assert "N(0, I)" in normal.stdout
-    ev = run(["-m", "jobs.evaluate", str(vae_run), "--n", "300", "--no-wandb"], env=env, check=True)
+    ev = run(["-m", "jobs.evaluate", str(vae_run), "--n", "300", "--no-wandb", "--seeds", "1"], env=env, check=True)
     assert "N(0, I) prior" in ev.stdout and "ex-post mixture" in ev.stdout
     results = json.loads((vae_run / "eval/metrics.json").read_text())
     assert results["model"]["fid"] != results["model_normal_prior"]["fid"]
