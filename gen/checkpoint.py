@@ -191,7 +191,7 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
                 write_tensors(g.prior, tmp / LATENT_PRIOR)
                 meta["latent_prior"] = LATENT_PRIOR
     except Exception as e:  # a full disk: OSError, torch's RuntimeError ("file write failed"), SafetensorError
-        error = _one_line(e)
+        error = one_line(e)
     errors = _all_errors(accelerator, error)  # also: every rank's files are written before they are sealed
     if not errors and accelerator.is_main_process:
         try:  # durable before visible: every file, meta.json and the folder on disk before the rename
@@ -203,7 +203,7 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
                 os.fsync(f.fileno())
             fsync_path(tmp)
         except Exception as e:
-            error = _one_line(e)
+            error = one_line(e)
     errors = errors or _all_errors(accelerator, error)
     if errors:
         if accelerator.is_main_process:
@@ -222,7 +222,8 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
     return str(final)
 
 
-def _one_line(e):
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
@@ -322,7 +323,7 @@ def load_sampling_module(path, device="cpu"):
         module.load_state_dict(load_file(str(weights)))
         prior = load_file(str(prior_file)) if prior_file and prior_file.is_file() else None
     except Exception as e:  # SafetensorError, or a size mismatch, in a folder written without checksums
-        raise CheckpointError(f"cannot load the sampling weights in {weights.parent}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot load the sampling weights in {weights.parent}: {one_line(e)}") from None
     return family, module.to(device).eval(), cfg, meta, prior
 
 

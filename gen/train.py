@@ -290,8 +290,7 @@ def _train(cfg, accelerator, config_dict, manifest, shape, num_classes, family, 
         try:
             accelerator.load_state(last_ckpt)
         except Exception as e:  # a checkpoint written before checksums were recorded, damaged
-            raise checkpoint.CheckpointError(f"cannot load checkpoint {last_ckpt}: {type(e).__name__}: "
-                                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise checkpoint.CheckpointError(f"cannot load checkpoint {last_ckpt}: {checkpoint.one_line(e)}") from None
         if accelerator.is_main_process:
             log.info("resumed from %s at step %d", last_ckpt, state.step)
             truncate_jsonl(run_dir / "metrics.jsonl", state.step)
