@@ -12,7 +12,6 @@ Accelerate's wrappers, data-position tracking, the per-step finiteness/stop agre
 setting, progress bar and metrics. Both run alternately in this process; the best of each is
 compared. Target: overhead <= 5 %."""
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,6 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gen.run_dir import RunDir  # noqa: E402 (after the path is set)
 
 
 def make_shards(tmp):
@@ -48,7 +50,7 @@ def deepgen_ms_per_step(shards, run_dir, steps):
                  "--train.steps", str(steps), "--train.log_every", str(steps // 2),
                  "--train.sample_every", str(10 * steps), "--train.ckpt_every", str(10 * steps), "--train.resume", "none"])
     train(cfg)
-    lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = RunDir(run_dir).read_metrics()
     return lines[-1]["perf/ms_per_step"]  # the second half: warm
 
 
@@ -95,7 +97,7 @@ def train_img_per_s(shards, run_dir, preset, batch_size, width, steps, workers, 
         lines = [l.strip("│ ") for l in proc.stderr.splitlines() if l.strip("│╭╰─ ")]
         errors = [l for l in lines if "rror" in l]
         return f"failed: {(errors or lines or [proc.returncode])[-1]}"
-    lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = RunDir(run_dir).read_metrics()
     return lines[-1]["perf/img_per_s"]
 
 

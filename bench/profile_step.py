@@ -57,7 +57,7 @@ class BareStep:
         torch.backends.cudnn.benchmark = True
         self.cfg, self.device = cfg, device
         self.family = build_family(cfg.model, cfg.optim, shape, num_classes)
-        self.nets = {n: m.to(device, memory_format=torch.channels_last) for n, m in self.family.plain.items()}
+        self.nets = {n: m.to(device, memory_format=torch.channels_last) for n, m in self.family.modules.items()}
         fused = {"fused": True} if device.type == "cuda" else {}
         o = cfg.optim
         self.opts = {n: torch.optim.Adam(m.parameters(), lr=o.lr if n != "D" else o.lr_d, betas=tuple(o.betas), eps=o.eps,

@@ -19,7 +19,7 @@ scored from N(0, I)), the real-vs-real floor, and the memorisation check (each s
 distance to its nearest training image vs the same for held-out real images, in pixels and
 features; "!" marks samples that sit more than 10 % closer than new real images; a model whose
 samples do so also relative to their distance to the nearest held-out image, beyond that
-quantile's bootstrap noise, is reported as COPYING and the bench exits 1: gen.metrics.copy_check).
+quantile's bootstrap noise, is reported as COPYING and the bench exits 1: bench/memorisation.py).
 Writes OUT/quality.md, OUT/quality.json, OUT/grid-{data}.png (real | baseline | preset) and
 OUT/nearest-{run}.png (the samples nearest a training image, each beside it)."""
 import argparse
@@ -35,6 +35,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from gen.run_dir import RunDir  # noqa: E402 (after the path is set)
+from memorisation import copy_check, nearest_neighbours, with_mirrors  # noqa: E402
+
 POKEMON_ZIP = ROOT.parent / "shared" / "datasets" / "pokemon-819-128px.zip"
 
 COND = ["--model.conditional"]  # class-conditional on the shards' labels (what the quickstart trains)
@@ -108,9 +112,9 @@ def train(run_dir, data, preset, extra, images=None, minutes=None, eval_n=2000):
         _, stderr = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"training {preset} failed:\n{stderr[-2000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = RunDir(run_dir).read_metrics()
     if proc.returncode == 0 and minutes is not None:  # the step of the newest checkpoint: where it stopped
-        steps = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+        steps = RunDir(run_dir).checkpoints()[0][0]
     curve = [(r["step"], r["eval/fid"]) for r in rows if "eval/fid" in r]
     best = min(curve, key=lambda c: c[1]) if curve else (None, None)
     final = curve[-1][1] if curve else None
@@ -125,23 +129,17 @@ def score(run_dir, data, n, ev):
     """jobs.evaluate's scores, the VAE's test ELBO and the memorisation check."""
     import torch
     from gen import features as feats
-    from gen.metrics import copy_check
+    from gen.evaluation import score_sampler
     from gen.sample import load_generator
     g = load_generator(run_dir, data=data)
-    out = {}
     test_x, _ = feats.load_real(data, "test", seed=0)
-    if g.is_vae:  # VAEs sample from the ex-post mixture (the default), and are also scored from N(0, I)
+    # as jobs.evaluate scores (a VAE also from N(0, I)), FID/KID over 3 sample seeds: the noise
+    out, samples = score_sampler(ev, g, seed=0, seeds=3)
+    if g.is_vae:
         out["test_elbo"] = float(g.elbo(feats.to_float(test_x)).mean())
-        prior, g.prior = g.prior, None
-        out["model_normal_prior"] = ev.score(g.sample(ev.n, seed=1000))
-        g.prior = prior
-    samples = g.sample(ev.n, seed=1000)
-    from gen.metrics import seed_spread
     tmp = run_dir / ".bench-samples.pt.tmp"  # the scored samples as uint8, to look at or rescore later
     torch.save(((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), tmp)
     os.replace(tmp, run_dir / "bench-samples.pt")
-    out["model"] = ev.score(samples)
-    out["model"].update(seed_spread(ev, g, 0, 3, out["model"]))  # FID/KID over 3 sample seeds: the noise
     train_x, _ = feats.load_real(data, "train", seed=0)
     train = feats.to_float(train_x)
     out["copy"] = copy_check(samples, train, feats.to_float(test_x), ev.embed, mirrored=g.config.data.hflip)
@@ -154,7 +152,6 @@ def write_nearest(path, samples, train, embed, mirrored=False, k=8):
     too when the model saw mirror images): the copies a memorising model makes would show here."""
     from torchvision.utils import make_grid, save_image
     import torch
-    from gen.metrics import nearest_neighbours, with_mirrors
     train = with_mirrors(train, mirrored)
     dist, nearest = nearest_neighbours(embed(samples), embed(train))
     order = dist.argsort()[:k]

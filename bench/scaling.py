@@ -15,7 +15,6 @@ model of step time on 1-64 GPUs.
    Prints step time, scaling efficiency and the read bandwidth per node the loader must supply.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from gen.run_dir import RunDir  # noqa: E402 (after the path is set)
 
 GPUS_PER_NODE = 8
 NVLINK_BUS_GBPS = 300.0       # GB/s, effective all-reduce bus bandwidth inside an H100/H200 node (NCCL)
@@ -55,7 +55,7 @@ def cpu_run(shards, run_dir, preset, steps, ranks):
 
 
 def per_rank_rate(run_dir, ranks):
-    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = RunDir(run_dir).read_metrics()
     rates = [r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r][1:]  # the first window holds start-up
     return sum(rates) / len(rates) / ranks
 
@@ -97,7 +97,7 @@ def gradient_bytes():
             except ValueError:
                 continue  # the seed ports are 28 px models
             out[preset, size] = {name: 4 * sum(p.numel() for p in m.parameters() if p.requires_grad)
-                                 for name, m in family.plain.items()}
+                                 for name, m in family.modules.items()}
     return out
 
 

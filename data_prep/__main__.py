@@ -1,6 +1,5 @@
 """python -m data_prep {mnist,fashion-mnist,pokemon,folder,index,verify,preview} ... (see --help)."""
 import argparse
-import errno
 import logging
 import os
 import random
@@ -11,8 +10,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from gen.cli import command
 from gen.runlock import RunDirLocked, RunLock
-from gen.shard_format import DataError
 
 from . import PrepError
 from . import shards, sources
@@ -117,59 +116,47 @@ def one_writer(out):
         lock.release()
 
 
+@command
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     warnings.filterwarnings("ignore", module="webdataset")
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "verify":
-            problems = shards.verify(args.dir)
-            for p in problems:
-                print(f"verify: {p}")
-            if problems:
-                print(f"verify: FAILED, {len(problems)} problem(s) in {args.dir}")
-                return 1
-            m = shards.read_manifest(args.dir)
-            counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
-            print(f"verify: OK {args.dir}: {counts} samples, {m['image_size']}px x {m['channels']}ch")
-            return 0
-        if args.command == "index":
-            done, problems = shards.index_folder(args.dir)
-            for p in problems:
-                print(f"index: {p}")
-            print(f"index: {done} shard(s) indexed in {args.dir}" + (f", {len(problems)} problem(s)" if problems else ""))
-            return 1 if problems else 0
-        if args.command == "preview":
-            n = shards.preview(args.dir, args.out, args.n, args.split)
-            print(f"preview: {n} samples -> {args.out}")
-            return 0
-        if args.shard_size < 1:
-            raise PrepError("--shard-size must be at least 1")
-        source = open_source(args)
-        if getattr(args, "size", None):
-            source.size = args.size
-        opts = {k: v for k, v in vars(args).items() if k not in ("workers", "overwrite", "out", "cache_dir")}
-        with one_writer(args.out):
-            manifest = shards.write_shards(
-                source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
-                overwrite=args.overwrite, crop=getattr(args, "crop", "pad"), grayscale=getattr(args, "grayscale", False),
-                prep_args=opts)
-        counts = ", ".join(f"{k} {v['count']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
-        print(f"{manifest['dataset']}: {counts}; {manifest['image_size']}px x {manifest['channels']}ch; "
-              f"{len(manifest['skipped'])} skipped -> {args.out}")
+    if args.command == "verify":
+        problems = shards.verify(args.dir)
+        for p in problems:
+            print(f"verify: {p}")
+        if problems:
+            print(f"verify: FAILED, {len(problems)} problem(s) in {args.dir}")
+            return 1
+        m = shards.read_manifest(args.dir)
+        counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
+        print(f"verify: OK {args.dir}: {counts} samples, {m['image_size']}px x {m['channels']}ch")
         return 0
-    except DataError as e:  # PrepError, and the shard format's own errors
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"error: disk full writing {e.filename or args.out}: free space and run the same command again "
-              "(finished shards are kept)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; re-run the same command to resume", file=sys.stderr)
-        return 130
+    if args.command == "index":
+        done, problems = shards.index_folder(args.dir)
+        for p in problems:
+            print(f"index: {p}")
+        print(f"index: {done} shard(s) indexed in {args.dir}" + (f", {len(problems)} problem(s)" if problems else ""))
+        return 1 if problems else 0
+    if args.command == "preview":
+        n = shards.preview(args.dir, args.out, args.n, args.split)
+        print(f"preview: {n} samples -> {args.out}")
+        return 0
+    if args.shard_size < 1:
+        raise PrepError("--shard-size must be at least 1")
+    source = open_source(args)
+    if getattr(args, "size", None):
+        source.size = args.size
+    opts = {k: v for k, v in vars(args).items() if k not in ("workers", "overwrite", "out", "cache_dir")}
+    with one_writer(args.out):
+        manifest = shards.write_shards(
+            source, args.out, shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+            overwrite=args.overwrite, crop=getattr(args, "crop", "pad"), grayscale=getattr(args, "grayscale", False),
+            prep_args=opts)
+    counts = ", ".join(f"{k} {v['count']} in {len(v['shards'])} shards" for k, v in manifest["splits"].items())
+    print(f"{manifest['dataset']}: {counts}; {manifest['image_size']}px x {manifest['channels']}ch; "
+          f"{len(manifest['skipped'])} skipped -> {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ names). random_mirror: the data set's own left-right mirror images (--data.hflip
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 
 def _brightness(x):
     return x + (torch.rand(x.size(0), 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
@@ -56,7 +58,7 @@ AUGMENT_FNS = {
 def check_policy(policy):
     unknown = [p for p in policy if p not in AUGMENT_FNS]
     if unknown:
-        raise ValueError(f"unknown DiffAugment op(s) {unknown}; known: {sorted(AUGMENT_FNS)}")
+        raise ConfigError(f"unknown DiffAugment op(s) {unknown}; known: {sorted(AUGMENT_FNS)}")
 
 
 def diff_augment(x, policy):

@@ -20,21 +20,21 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 from . import __version__
+from .errors import UserError
+from .run_dir import RunDir
 
 log = logging.getLogger("gen.checkpoint")
 
-CKPT_RE = re.compile(r"^checkpoint-(\d{7})$")
 SAMPLING_WEIGHTS = "sampling.safetensors"
 LATENT_PRIOR = "latent_prior.safetensors"  # a VAE's ex-post latent mixture (gen.latent_prior)
 EXPORT_CONFIG = "config.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be used: incompatible config, torn or missing."""
 
 
@@ -109,14 +109,7 @@ def set_aside(path, why):
 
 def checkpoints(run_dir):
     """Complete checkpoints under run_dir, newest first: [(step, path)]."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = CKPT_RE.match(p.name)
-            if m and (p / "meta.json").is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
+    return RunDir(run_dir).checkpoints()
 
 
 def resolve_resume(run_dir, resume):
@@ -172,9 +165,8 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
     moment leaves at least the newest complete checkpoint (disk use peaks at keep_last + 1).
     A failed write (disk full) removes the partial folder and raises one CheckpointError on
     every rank, naming the path and the space needed."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"checkpoint-{step:07d}"
-    tmp = root / f".tmp-checkpoint-{step:07d}"
+    root, final = RunDir(run_dir).checkpoint_root, RunDir(run_dir).checkpoint(step)
+    tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,7 +261,7 @@ def find_weights(path):
     if not path.exists():
         raise CheckpointError(f"{path}: no such run dir, checkpoint or export folder")
     # an export folder: config.json and no checkpoints (a run dir has a config.json too)
-    export = not (path / "meta.json").exists() and not (path / "checkpoints").is_dir() and (path / EXPORT_CONFIG).is_file()
+    export = not (path / "meta.json").exists() and not RunDir(path).checkpoint_root.is_dir() and (path / EXPORT_CONFIG).is_file()
     if export or (path / "meta.json").exists():
         meta_name = EXPORT_CONFIG if export else "meta.json"
         why = verify(path, meta_name, names=())
@@ -316,7 +308,7 @@ def load_sampling_module(path, device="cpu"):
     from .families import build_family
     meta, weights = find_weights(path)
     cfg = from_dict(meta["config"])
-    family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0))
+    family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0), sampling_only=True)
     module = family.modules[family.ema_target]
     prior_file = weights.parent / meta["latent_prior"] if meta.get("latent_prior") else None
     try:
@@ -341,13 +333,3 @@ def export_weights(path, dest):
     files = {n: r for n, r in file_records(dest).items() if n in (name, LATENT_PRIOR)}  # the checksums travel
     (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(sealed(dict(shared, sampling_weights=name, files=files)), indent=1))
     return name, meta
-
-
-def run_dir_of(path):
-    """The run dir of a run dir or checkpoint folder; an export folder is its own."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path  # an export folder

@@ -6,6 +6,8 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
+from .errors import ConfigError  # noqa: F401 (raised by validate; its home for callers)
+
 
 @dataclass
 class DataConfig:
@@ -184,10 +186,6 @@ def parse(args=None, prog="python -m jobs.train"):
         default = dataclasses.replace(default, data=dataclasses.replace(default.data, path=known.data_path))
     description = f"Train a GAN or VAE (preset {known.preset}; presets: {', '.join(PRESETS)}). --data PATH sets data.path."
     return tyro.cli(Config, args=rest, default=default, prog=prog, description=description)
-
-
-class ConfigError(ValueError):
-    """Impossible config values; str() is one line per value."""
 
 
 def validate(cfg):

@@ -43,7 +43,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_png
 
-from .shard_format import DataError, SplitIndex, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
+from .device_data import DeviceData
+from .shard_format import DataError, DecodeError, SplitIndex, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
 
 log = logging.getLogger("gen.data")
 OPEN_SHARDS = 64  # file descriptors kept open per worker for indexed reads
@@ -71,10 +72,6 @@ def read_bytes_so_far():
             return int(f.read().split(b"rchar:", 1)[1].split(b"\n", 1)[0])
     except (OSError, IndexError, ValueError):
         return 0
-
-
-class DecodeError(ValueError):
-    """A sample that failed to decode, remembered in the cache so every epoch skips it again."""
 
 
 class ShardStream(IterableDataset):
@@ -222,6 +219,16 @@ class ShardStream(IterableDataset):
         if img.shape != (self.channels, self.size, self.size):
             raise ValueError(f"image of shape {tuple(img.shape)}, expected {(self.channels, self.size, self.size)}")
         return img, label, key
+
+    def decode_split(self):
+        """Every sample of the split, read once: (sample id, (image, label, key) or DecodeError).
+        For a reader that keeps the decoded split itself (DeviceData): streamed shards become
+        replayable as ids on the way, and no decoded-image cache is kept here afterwards."""
+        self.cache, stats = {}, {"skipped": 0, "warned": 0}
+        for url in self.urls:
+            for sample_id in self._read_shard(url, stats):
+                yield sample_id, self._decode_or_error(sample_id)
+        self.cache = None
 
     def __iter__(self):
         info = get_worker_info()
@@ -378,10 +385,10 @@ def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split
     if tracker_state and tracker_state.get("num_workers", workers) != max(1, workers):
         raise DataError(f"checkpoint was written with data.workers={tracker_state['num_workers']}; "
                         f"resume with the same number of workers to continue the data stream exactly")
-    stream = ShardStream(root, split, batch_size, seed, rank, world_size, workers, shuffle_buffer, resampled,
-                         epochs, **tracker.resume_args(), cache_mb=cache_mb, use_index=use_index)
+    stream = ShardStream(root, split, batch_size, seed=seed, rank=rank, world_size=world_size, num_workers=workers,
+                         shuffle_buffer=shuffle_buffer, resampled=resampled, epochs=epochs, **tracker.resume_args(),
+                         cache_mb=cache_mb, use_index=use_index)
     if device is not None:
-        from .device_data import DeviceData
         return FloatBatches(DeviceData(stream, device)), stream, tracker
     if workers > 0:
         # Batches cross from workers as shared-memory files named in the pickle, not as file

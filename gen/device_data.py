@@ -3,7 +3,7 @@ sample id (`make_loader(..., device=...)`, `--data.device_data`)."""
 import numpy as np
 import torch
 
-from .data import DecodeError
+from .shard_format import DecodeError
 
 
 class DeviceData:
@@ -19,14 +19,10 @@ class DeviceData:
         images = torch.zeros((n, c, s, s), dtype=torch.uint8)
         labels = torch.full((n,), -1, dtype=torch.long)
         self.keys, self.valid = [None] * n, np.zeros(n, dtype=bool)
-        stream.cache, stats = {}, {"skipped": 0, "warned": 0}  # one full read; streamed shards become `known`
-        for url in stream.urls:
-            for sample_id in stream._read_shard(url, stats):
-                decoded = stream._decode_or_error(sample_id)
-                if not isinstance(decoded, DecodeError):
-                    images[sample_id], labels[sample_id], self.keys[sample_id] = decoded
-                    self.valid[sample_id] = True
-        stream.cache = None
+        for sample_id, decoded in stream.decode_split():
+            if not isinstance(decoded, DecodeError):
+                images[sample_id], labels[sample_id], self.keys[sample_id] = decoded
+                self.valid[sample_id] = True
         self.images, self.labels = images.to(self.device), labels.to(self.device)
 
     def _resolve(self, sample_id):

@@ -1,20 +1,22 @@
 """Model families plug into the one training loop through a small interface:
 
-    family.modules      {name: nn.Module}  prepared by the accelerator, in this order
-    family.plain        {name: nn.Module}  the same modules unwrapped (no DDP/compile wrapper): calls that
-                        must not synchronise ranks (frozen D, R1's double backward, G under no_grad)
+    family.modules      {name: nn.Module}  the plain modules (never wrapped), in this order
     family.optimizers   {name: Optimizer}  one per module; `base_lr[name]` feeds the LR schedule
-    family.ema_target   name of the module whose EMA is kept (G, or the whole VAE)
+    family.ema_target   name of the module whose EMA is kept and sampled (G, or the whole VAE)
     family.phases(step) -> [Phase]: what one optimizer step does, in order (GAN: D, then G)
     family.diverging(means) -> 0-d bool tensor or None: losses that blew up without being NaN
     family.generate(module, z, labels) -> images in [-1, 1]
 
-A Phase names the module it trains (and so its optimizer) and gives the loss of one
-micro-batch; a phase that names several modules ("simultaneous") returns one loss per module,
-each backpropagated into its own module's weights only, and all of them step together. The loop runs each phase over all grad_accum micro-batches, then steps that
-phase's optimizer, as stylegan2-ada does: D sees every micro-batch before it steps, then G's
-micro-batches all go through the same, updated D. So k micro-batches of b give the gradients
-of one batch of k*b. Families never call backward, step or zero_grad themselves.
+A Phase names the modules it trains (and so their optimizers) and gives the losses of one
+micro-batch, one per trained module, each backpropagated into that module's weights only.
+The loop prepares the modules (device, DDP, precision) and hands each phase that wrapped view,
+`nets` (as stylegan2-ada hands its DDP modules to the loss): a call through `nets[name]` takes
+part in DDP's gradient reduction; a call on `self.modules[name]` does not (frozen D in G's
+phase, R1's double backward, G under no_grad). The loop runs each phase over all grad_accum
+micro-batches, then steps that phase's optimizers, as stylegan2-ada does: D sees every
+micro-batch before it steps, then G's micro-batches all go through the same, updated D. So k
+micro-batches of b give the gradients of one batch of k*b. Families never call backward, step
+or zero_grad themselves.
 """
 import math
 from dataclasses import dataclass
@@ -24,18 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from . import nets
+from .errors import ConfigError
 from .augment import check_policy, diff_augment
 
 
 @dataclass
 class Phase:
-    name: str | tuple           # the module(s) this phase trains, and their optimizers
-    loss: Callable              # (micro_batch, step, accelerator) -> (loss or {name: loss}, {metric: 0-d tensor})
+    names: tuple                # the modules this phase trains, and so their optimizers
+    loss: Callable              # (micro_batch, step, nets) -> ({name: loss}, {metric: 0-d tensor})
     frozen: tuple = ()          # modules that need no weight gradients here (G's phase: D)
-
-    @property
-    def names(self):
-        return self.name if isinstance(self.name, tuple) else (self.name,)
 
 
 def _adam(params, lr, cfg):
@@ -43,33 +42,42 @@ def _adam(params, lr, cfg):
 
 
 class GANFamily:
-    def __init__(self, model_cfg, optim_cfg, shape, num_classes):
+    ema_target = "G"
+
+    def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         check_policy(model_cfg.diffaug)
         n = num_classes if model_cfg.conditional else 0
         if model_cfg.arch == "seed":
             if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
-                raise ValueError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
+                raise ConfigError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
                                  f"{size}px (use --preset gan)")
-            G, D = nets.SeedGenerator(model_cfg.latent_dim, c, n, size), nets.SeedDiscriminator(c, n, size)
+            G = nets.SeedGenerator(model_cfg.latent_dim, c, n, size)
+            D = None if sampling_only else nets.SeedDiscriminator(c, n, size)
         elif model_cfg.arch == "dcgan":
             G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n)
-            D = nets.DCDiscriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm,
-                                   model_cfg.d_convs_per_level)
+            D = None if sampling_only else nets.DCDiscriminator(
+                c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm, model_cfg.d_convs_per_level)
         else:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
-            D = nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm)
+            D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm,
+                                                               model_cfg.d_batchnorm)
+        self.modules = {"G": G} if sampling_only else {"G": G, "D": D}
+        self.optimizers, self.base_lr = {}, {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
+        if sampling_only:
+            return
         if optim_cfg.optimizer_d == "rmsprop":
             # Keras' RMSprop: rho 0.9 (torch's default alpha is 0.99)
             opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, alpha=0.9, eps=optim_cfg.eps,
                                         weight_decay=optim_cfg.weight_decay)
         else:
             opt_d = _adam(D.parameters(), optim_cfg.lr_d, optim_cfg)
-        self.modules, self.plain = {"G": G, "D": D}, {"G": G, "D": D}
         self.optimizers = {"G": _adam(G.parameters(), optim_cfg.lr, optim_cfg), "D": opt_d}
-        self.base_lr = {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
-        self.ema_target = "G"
+
+    def labels(self, labels):
+        """The labels a module is given: None for an unconditional model."""
+        return labels if self.cfg.conditional else None
 
     def _d_loss(self, real_logits, fake_logits):
         if self.cfg.gan_loss == "hinge":
@@ -82,7 +90,7 @@ class GANFamily:
     def phases(self, step):
         if self.cfg.gan_update == "simultaneous":
             return [Phase(("D", "G"), self._both_phase)]
-        return [Phase("D", self._d_phase), Phase("G", self._g_phase, frozen=("D",))]
+        return [Phase(("D",), self._d_phase), Phase(("G",), self._g_phase, frozen=("D",))]
 
     divergence_text = "D separates real from fake outright (D(real) - D(fake) > 20) and G's loss exceeds 100"
 
@@ -101,19 +109,17 @@ class GANFamily:
         both_labels = torch.cat([labels, labels]) if labels is not None else None
         return D(self._aug(torch.cat([real, fake])), both_labels).float().chunk(2)
 
-    def _d_phase(self, batch, step, accelerator):
+    def _d_phase(self, batch, step, nets):
         """D on reals and fakes (see _d_logits), plus lazy R1 (_with_r1)."""
-        D = self.modules["D"]
-        G = self.plain["G"]  # no gradients, no DDP collectives
-        x = batch["image"]
-        labels = batch["label"] if self.cfg.conditional else None
+        G = self.modules["G"]  # no gradients, no DDP collectives
+        x, labels = batch["image"], self.labels(batch["label"])
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         with torch.no_grad():
             fake = G(z, labels)
-        real_logits, fake_logits = self._d_logits(D, x, fake.to(x.dtype), labels)
+        real_logits, fake_logits = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
         loss = self._d_loss(real_logits, fake_logits)
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
-        return self._with_r1(loss, out, x, labels, step), out
+        return {"D": self._with_r1(loss, out, x, labels, step)}, out
 
     def _with_r1(self, loss_d, out, x, labels, step):
         """D's loss plus lazy R1 (StyleGAN2): the penalty every r1_every steps, scaled up by r1_every."""
@@ -121,64 +127,63 @@ class GANFamily:
             return loss_d
         real = self._aug(x).detach().requires_grad_(True)
         # double backward outside the DDP wrapper
-        grad, = torch.autograd.grad(self.plain["D"](real, labels).float().sum(), real, create_graph=True)
+        grad, = torch.autograd.grad(self.modules["D"](real, labels).float().sum(), real, create_graph=True)
         r1 = grad.pow(2).sum(dim=[1, 2, 3]).mean()
         out["r1"] = r1.detach()
         return loss_d + 0.5 * self.cfg.r1_gamma * self.cfg.r1_every * r1
 
-    def _both_phase(self, batch, step, accelerator):
+    def _both_phase(self, batch, step, nets):
         """The notebook's step: one batch of fakes, D on reals and fakes once, both losses from
         those logits; the loop backpropagates each loss into its own network only."""
-        x = batch["image"]
-        labels = batch["label"] if self.cfg.conditional else None
+        x, labels = batch["image"], self.labels(batch["label"])
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
-        fake = self.modules["G"](z, labels)
-        real_logits, fake_logits = self._d_logits(self.modules["D"], x, fake.to(x.dtype), labels)
+        fake = nets["G"](z, labels)
+        real_logits, fake_logits = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": real_logits.mean().detach(),
                "d_fake": fake_logits.mean().detach()}
         return {"D": self._with_r1(loss_d, out, x, labels, step), "G": loss_g}, out
 
-    def _g_phase(self, batch, step, accelerator):
+    def _g_phase(self, batch, step, nets):
         """G through the (frozen, already updated) D, outside D's DDP wrapper: D is not trained here."""
-        x = batch["image"]
-        labels = batch["label"] if self.cfg.conditional else None
+        x, labels = batch["image"], self.labels(batch["label"])
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
-        fake = self.modules["G"](z, labels)
-        loss = self._g_loss(self.plain["D"](self._aug(fake), labels).float())
-        return loss, {"loss_g": loss.detach()}
+        fake = nets["G"](z, labels)
+        loss = self._g_loss(self.modules["D"](self._aug(fake), labels).float())
+        return {"G": loss}, {"loss_g": loss.detach()}
 
     @torch.no_grad()
     def generate(self, module, z, labels=None):
-        return module(z, labels if self.cfg.conditional else None).float().clamp(-1, 1)
+        return module(z, self.labels(labels)).float().clamp(-1, 1)
 
 
 class VAEFamily:
-    def __init__(self, model_cfg, optim_cfg, shape, num_classes):
+    ema_target = "vae"
+    labels = GANFamily.labels
+
+    def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         n = num_classes if model_cfg.conditional else 0
         if model_cfg.arch == "dcgan":
-            raise ValueError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
+            raise ConfigError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
         if model_cfg.arch == "seed":
             if size != 28:
-                raise ValueError(f"the seed VAE is the 28x28 tutorial model; this data is {size}px (use --preset vae)")
+                raise ConfigError(f"the seed VAE is the 28x28 tutorial model; this data is {size}px (use --preset vae)")
             enc, dec = nets.SeedEncoder(model_cfg.latent_dim, c, n, size), nets.SeedDecoder(model_cfg.latent_dim, c, n)
         else:
             enc = nets.Encoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
             dec = nets.Decoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
         vae = nets.VAE(enc, dec)
-        self.modules, self.plain = {"vae": vae}, {"vae": vae}
-        self.optimizers = {"vae": _adam(vae.parameters(), optim_cfg.lr, optim_cfg)}
-        self.base_lr = {"vae": optim_cfg.lr}
-        self.ema_target = "vae"
+        self.modules, self.base_lr = {"vae": vae}, {"vae": optim_cfg.lr}
+        self.optimizers = {} if sampling_only else {"vae": _adam(vae.parameters(), optim_cfg.lr, optim_cfg)}
 
     def kl_weight(self, step):
         warm = self.cfg.kl_warmup_steps
         return self.cfg.beta * (min(1.0, step / warm) if warm > 0 else 1.0)
 
     def phases(self, step):
-        return [Phase("vae", self._elbo_phase)]
+        return [Phase(("vae",), self._elbo_phase)]
 
     def diverging(self, means):
         return None  # a VAE's NLL has no natural scale (it grows with the image size); NaN is caught
@@ -203,16 +208,16 @@ class VAEFamily:
             kl_term = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)
         return nll, kl_term
 
-    def _elbo_phase(self, batch, step, accelerator):
-        labels = batch["label"] if self.cfg.conditional else None
+    def _elbo_phase(self, batch, step, nets):
         # the DDP-wrapped module runs the forward (its hooks); the plain one holds log_sigma
-        nll, kl = self.elbo_terms(self.modules["vae"], self.plain["vae"].log_sigma, batch["image"], labels)
+        nll, kl = self.elbo_terms(nets["vae"], self.modules["vae"].log_sigma, batch["image"],
+                                  self.labels(batch["label"]))
         loss = (nll + self.kl_weight(step) * kl).mean()
-        return loss, {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
+        return {"vae": loss}, {"loss": loss.detach(), "nll": nll.mean().detach(), "kl": kl.mean().detach(),
                       "elbo": -(nll + kl).mean().detach()}
 
     def decode(self, module, z, labels=None):
-        out = module.decoder(z, labels if self.cfg.conditional else None).float()
+        out = module.decoder(z, self.labels(labels)).float()
         return torch.sigmoid(out) * 2 - 1 if self.cfg.likelihood == "bernoulli" else out.clamp(-1, 1)
 
     @torch.no_grad()
@@ -221,7 +226,7 @@ class VAEFamily:
 
     @torch.no_grad()
     def reconstruct(self, module, x, labels=None):
-        mean, _ = module.encoder(x, labels if self.cfg.conditional else None)
+        mean, _ = module.encoder(x, self.labels(labels))
         return self.decode(module, mean, labels)
 
 
@@ -229,9 +234,10 @@ def _log_normal(x, mean, logvar):
     return (-0.5 * ((x - mean) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))).sum(dim=1)
 
 
-def build_family(model_cfg, optim_cfg, shape, num_classes):
-    """shape = (channels, size, size); num_classes from the shards' manifest (0: unlabeled)."""
+def build_family(model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
+    """shape = (channels, size, size); num_classes from the shards' manifest (0: unlabeled).
+    sampling_only: just the sampled module (family.ema_target), no D, no optimizers."""
     if model_cfg.conditional and not num_classes:
-        raise ValueError("--model.conditional needs labeled shards; this data set has no classes")
+        raise ConfigError("--model.conditional needs labeled shards; this data set has no classes")
     cls = {"gan": GANFamily, "vae": VAEFamily}[model_cfg.family]
-    return cls(model_cfg, optim_cfg, shape, num_classes)
+    return cls(model_cfg, optim_cfg, shape, num_classes, sampling_only)

@@ -81,8 +81,8 @@ def fit_on(g, images, labels, components=None, seed=0):
 
 
 def cache_path(g, source):
-    from .checkpoint import run_dir_of
-    return run_dir_of(source) / "latent_prior" / f"step-{int(g.meta.get('step') or 0):07d}.safetensors"
+    from .run_dir import RunDir
+    return RunDir.of(source).latent_prior(int(g.meta.get("step") or 0))
 
 
 def load_or_fit(g, source, data=None, n=FIT_IMAGES, components=None, seed=0):

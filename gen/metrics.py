@@ -1,6 +1,7 @@
 """Quality of generated images, measured beside the floors of the same feature space and count.
 
-    results, evaluator, sampler = evaluate_run("runs/mnist-gan", n=10000, space="domain")
+    ev = Evaluator("data/mnist", n=10000, space="domain")    # real features and floors, once
+    scores = ev.score(images)                                 # any sample set in [-1, 1]
 
 FID and KID come from torchmetrics (its Fréchet distance and polynomial-kernel MMD, fed our
 features through an identity 'feature network'), precision / recall / density / coverage from
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from . import features as feats
+from .errors import ConfigError
 
 log = logging.getLogger("gen.metrics")
 LEGIBLE_P = 0.9
@@ -120,7 +122,7 @@ class Evaluator:
             self.space = (f"domain {kind} ({self.domain.num_features}-d, key {self.domain_info['key']}"
                           + (f", held-out accuracy {acc:.4f}" if acc is not None else "") + ")")
         else:
-            raise ValueError(f"unknown feature space {space!r} (domain or inception)")
+            raise ConfigError(f"unknown feature space {space!r} (domain or inception)")
         real, _ = feats.load_real(shards, split, limit=2 * n, seed=seed)
         half = len(real) // 2
         self.n = min(n, half)
@@ -157,118 +159,3 @@ class Evaluator:
         if self.labeled:
             out.update(self.label_scores(images))
         return out
-
-
-def seed_spread(ev, g, seed, seeds, first, truncation=None):
-    """FID and KID of `seeds` sample sets (sample seeds seed+1000, +1001, ...; `first` is the first
-    one's scores) as {"fid_seeds": [...], "fid_range": [lo, hi], likewise kid}: the noise two
-    models or checkpoints are held against (a difference inside it is no difference)."""
-    fids, kids = [first["fid"]], [first["kid_mean"]]
-    for i in range(1, seeds):
-        s = scores(ev.real_f, ev.embed(g.sample(ev.n, seed=seed + 1000 + i, truncation=truncation)), ev.seed,
-                   with_prdc=False)
-        fids.append(s["fid"])
-        kids.append(s["kid_mean"])
-    return {"fid_seeds": fids, "fid_range": [min(fids), max(fids)], "kid_seeds": kids, "kid_range": [min(kids), max(kids)]}
-
-
-def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weights=None, truncation=None,
-                 device="cpu", seeds=3):
-    """Score a run and write RUN/eval/metrics.json; returns (results, evaluator, sampler). FID and
-    KID also over `seeds` sample seeds (seed_spread)."""
-    from .checkpoint import run_dir_of
-    from .sample import load_generator
-    from .shard_format import atomic_write_json
-    g = load_generator(run, device=device, data=data)
-    data = data or g.config.data.path
-    if space == "auto":
-        space = "inception" if feats.find_inception_weights(inception_weights) else "domain"
-    t0 = time.perf_counter()
-    ev = Evaluator(data, n=n, space=space, seed=seed, inception_weights=inception_weights, device=device)
-    t1 = time.perf_counter()
-    extra = {}
-    if g.is_vae:  # scored as sampled (the ex-post latent mixture), and beside it from N(0, I)
-        prior, g.prior = g.prior, None
-        extra["model_normal_prior"] = ev.score(g.sample(ev.n, seed=seed + 1000))
-        g.prior = prior
-        extra["prior"] = g.prior_name
-    model = ev.score(g.sample(ev.n, seed=seed + 1000, truncation=truncation))
-    model.update(seed_spread(ev, g, seed, seeds, model, truncation))
-    results = {"run": str(run), "step": g.meta.get("step"), "data": str(data), "n": ev.n, "requested_n": n, "space": ev.space,
-               "seed": seed, "seeds": seeds, "truncation": truncation, "model": model, **extra, "floors": ev.floors,
-               "domain_net": ev.domain_info, "seconds": {"setup": round(t1 - t0, 1),
-                                                         "sample_and_score": round(time.perf_counter() - t1, 1)}}
-    out = run_dir_of(run) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", results)
-    return results, ev, g
-
-
-def nearest_neighbours(queries, references, chunk=1000):
-    """Each query row's Euclidean distance to its nearest reference row, and that row's index."""
-    queries, references = queries.flatten(1).float(), references.flatten(1).float()
-    found = [torch.cdist(queries[i:i + chunk], references).min(dim=1) for i in range(0, len(queries), chunk)]
-    return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
-
-
-def nearest_distances(queries, references, chunk=1000):
-    """Each query row's Euclidean distance to its nearest reference row."""
-    return nearest_neighbours(queries, references, chunk)[0]
-
-
-def with_mirrors(images, mirrored=True):
-    """The images followed by their left-right mirror images (a model trained with --data.hflip saw both)."""
-    return torch.cat([images, images.flip(-1)]) if mirrored else images
-
-
-def _bootstrap_low(values, q, resamples=2000, seed=0):
-    """The 5th percentile of each quantile q over bootstrap resamples of `values`: how low that
-    quantile of a set this size comes out by chance (the p5 of 82 held-out Pokemon is their 4th
-    smallest value, so it moves a lot)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(values), (resamples, len(values)), generator=g)
-    return torch.quantile(torch.quantile(values[idx], q, dim=1), 0.05, dim=1).tolist()
-
-
-def copy_check(samples, train, held_out, embed, tolerance=0.1, mirrored=False):
-    """Memorisation check, in pixels and in `embed`'s features: each sample's distance to its
-    nearest training image, beside the same for real images the model never saw (held out).
-    `closer_than_held_out`: the samples' 5th percentile or median lies more than `tolerance` (10 %)
-    below the held-out images'. Alone that also fires for samples that are merely close to
-    everything: on a white page a blurry, barely trained generator's blobs sit nearer every real
-    image (training or not) than real images sit to each other. So each distance is also taken
-    relative to the same point's distance to its nearest held-out image (for a held-out image: the
-    nearest other one; both sides against the same number of held-out images). A copy is near
-    its training image only, so its relative distance drops; a blob's does not. `copied` needs
-    both, the relative quantile below the held-out one by more than `tolerance` and by more than
-    its bootstrap noise (_bootstrap_low). mirrored: the model also trained on left-right mirror
-    images (--data.hflip), so they count as training images, and the held-out images' mirrors as
-    held-out ones."""
-    n, q = len(held_out), torch.tensor([0.05, 0.5])
-    copies = 2 if mirrored else 1
-    rest = torch.ones(copies * n, dtype=torch.bool)
-    rest[n - 1::n] = False  # samples meet n - 1 held-out images (and mirrors), as each held-out image meets the others
-    out = {}
-    for space, f in (("pixels", lambda x: x), ("features", embed)):
-        train_f = f(with_mirrors(train, mirrored))
-        held_f, samples_f = f(with_mirrors(held_out, mirrored)), f(samples)
-        d_samples, d_held = nearest_distances(samples_f, train_f), nearest_distances(held_f[:n], train_f)
-        among_held = torch.cdist(held_f[:n].flatten(1).float(), held_f.flatten(1).float())
-        own = torch.arange(n)
-        among_held[own, own] = float("inf")
-        if mirrored:
-            among_held[own, own + n] = float("inf")
-        rel_held = d_held / among_held.min(dim=1).values
-        rel_samples = d_samples / nearest_distances(samples_f, held_f[rest])
-        s5, s50 = torch.quantile(d_samples, q).tolist()
-        h5, h50 = torch.quantile(d_held, q).tolist()
-        r5, r50 = torch.quantile(rel_samples, q).tolist()
-        rh5, rh50 = torch.quantile(rel_held, q).tolist()
-        closer = s5 < (1 - tolerance) * h5 or s50 < (1 - tolerance) * h50
-        low5, low50 = _bootstrap_low(rel_held, q)
-        relatively_closer = r5 < min((1 - tolerance) * rh5, low5) or r50 < min((1 - tolerance) * rh50, low50)
-        out[space] = {"samples_p5": s5, "samples_median": s50, "held_out_p5": h5, "held_out_median": h50,
-                      "relative": {"samples_p5": r5, "samples_median": r50, "held_out_p5": rh5, "held_out_median": rh50,
-                                   "held_out_p5_low": low5, "held_out_median_low": low50},
-                      "closer_than_held_out": closer, "copied": closer and relatively_closer}
-    return out

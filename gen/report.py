@@ -12,20 +12,15 @@ import io
 import json
 from pathlib import Path
 
-METRICS = [("fid", "FID ↓", "{:.3f}"), ("kid_mean", "KID ↓", "{:.4f}"), ("precision", "precision ↑", "{:.3f}"),
-           ("recall", "recall ↑", "{:.3f}"), ("density", "density ↑", "{:.3f}"), ("coverage", "coverage ↑", "{:.3f}"),
-           ("legibility", "legibility ↑", "{:.3f}"), ("class_min", "rarest class ↑", "{:.3f}")]
+from .evaluation import SCORES, evaluate_run
+from .run_dir import RunDir
+
 
 
 def data_uri(path_or_bytes):
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
     kind = "gif" if data[:3] == b"GIF" else "png"
     return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
-
-
-def read_metrics(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
 
 
 def curves_png(name, rows):
@@ -55,30 +50,28 @@ def curves_png(name, rows):
 
 def run_facts(run, args, tmp):
     """Everything the report shows about one run."""
-    from .checkpoint import run_dir_of
     from .families import build_family
-    from .metrics import evaluate_run
     from .sample import load_generator, write_figures
     g = load_generator(run)
-    run_dir = run_dir_of(run)
-    saved = run_dir / "eval" / "metrics.json"
+    run_dir = RunDir.of(run)
+    saved = run_dir.eval_metrics
     results = json.loads(saved.read_text()) if saved.is_file() else None
     if not results or results.get("requested_n") != args.n or not results.get("space", "").startswith(args.space) \
             or results.get("step") != g.meta.get("step") or (args.data and results.get("data") != str(args.data)):
         results, _, _ = evaluate_run(run, args.data, args.n, args.space, args.seed)
-    out = Path(tmp) / run_dir.name
+    out = Path(tmp) / run_dir.path.name
     write_figures(g, out, seed=args.seed)
     family = build_family(g.config.model, g.config.optim, g.shape, g.num_classes)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in family.modules.items()}
-    rows = read_metrics(run_dir)
+    rows = run_dir.read_metrics()
     last = next((r for r in reversed(rows) if "data/images_seen" in r), {})
     speeds = [r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r]
     elbo = next((r["train/elbo"] for r in reversed(rows) if "train/elbo" in r), None)
-    return {"name": run_dir.name, "run": str(run), "family": g.config.model.family, "arch": g.config.model.arch,
+    return {"name": run_dir.path.name, "run": str(run), "family": g.config.model.family, "arch": g.config.model.arch,
             "g": g, "results": results, "images": {p.stem + p.suffix: p for p in sorted(out.iterdir())},
             "params": params, "step": g.meta.get("step"), "images_seen": last.get("data/images_seen"),
             "wall_s": last.get("time/elapsed_s"), "img_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "elbo": elbo, "curves": curves_png(run_dir.name, rows), "wandb_run_id": g.meta.get("wandb_run_id"),
+            "elbo": elbo, "curves": curves_png(run_dir.path.name, rows), "wandb_run_id": g.meta.get("wandb_run_id"),
             "config": g.meta["config"]}
 
 
@@ -125,11 +118,11 @@ def render(facts, args):
            [(k.replace("_", " "), v) for k, v in first["floors"].items()]
     head = "".join(f"<th>{e(n)}</th>" for n, _ in cols)
     body = ""
-    for key, label, spec in METRICS:
+    for key, label, spec, better in SCORES:
         if key not in first["model"]:
             continue
         cells = "".join(f"<td>{'' if s.get(key) is None else spec.format(s[key])}</td>" for _, s in cols)
-        body += f"<tr><th>{e(label)}</th>{cells}</tr>"
+        body += f"<tr><th>{e(f'{label} {better}'.strip())}</th>{cells}</tr>"
     facts_rows = "".join(
         f"<tr><th>{e(f['name'])}</th><td>{e(f['family'])} ({e(f['arch'])})</td><td>{fmt(f['step'])}</td>"
         f"<td>{fmt(f['images_seen'])}</td><td>{fmt(f['wall_s'] and f['wall_s'] / 60, '{:.1f} min')}</td>"

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .shard_format import atomic_write_bytes
 
 LOCK = ".lock"
@@ -21,7 +22,7 @@ HEARTBEAT_S = 30.0
 STALE_S = 180.0
 
 
-class RunDirLocked(Exception):
+class RunDirLocked(UserError):
     """Another live run owns this run dir."""
 
 

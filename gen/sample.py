@@ -94,7 +94,7 @@ class Sampler:
     def encode(self, x, labels=None):
         """VAE posterior means."""
         labels = self.default_labels(len(x)) if labels is None else labels
-        mean, _ = self.module.encoder(x.to(self.device), labels.to(self.device) if self.config.model.conditional else None)
+        mean, _ = self.module.encoder(x.to(self.device), self.family.labels(labels.to(self.device)))
         return mean.float().cpu()
 
     @torch.no_grad()
@@ -102,13 +102,13 @@ class Sampler:
         """VAE: each image's evidence lower bound in nats (one posterior sample, analytic KL), under
         the model's own likelihood (Bernoulli on binarised pixels for seed-vae, Gaussian on [-1, 1])."""
         labels = self.default_labels(len(x)) if labels is None else labels
-        cond = self.config.model.conditional
         out = []
         with torch.random.fork_rng(devices=[self.device] if str(self.device).startswith("cuda") else []):
             torch.manual_seed(seed)
             for i in range(0, len(x), batch_size):
                 nll, kl = self.family.elbo_terms(self.module, self.module.log_sigma, x[i:i + batch_size].to(self.device),
-                                                 labels[i:i + batch_size].to(self.device) if cond else None, kl="analytic")
+                                                 self.family.labels(labels[i:i + batch_size].to(self.device)),
+                                                 kl="analytic")
                 out.append(-(nll + kl).cpu())
         return torch.cat(out)
 

@@ -14,18 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 _log = logging.getLogger("gen.data")
 
 MANIFEST = "manifest.json"
 FORMAT = "deepgen-shards/1"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A shard folder or an input that cannot be used: printed as one line, exit code `code`."""
 
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
+
+class DecodeError(ValueError):
+    """A sample that failed to decode: skipped and counted (remembered in the decoded-image cache,
+    so every epoch skips it again)."""
 
 
 def atomic_write_bytes(path, data):

@@ -70,37 +70,44 @@ def log_image(accelerator, key, image_chw, step):
     tracker.log({key: wandb.Image(array)}, step=step)
 
 
-def log_eval_to_run(run_dir, meta, results, rows):
+def score_table(sets, keys):
+    """[[set name, score, ...]] of {name: scores} for the keys the first set has."""
+    keys = [k for k in keys if k in next(iter(sets.values()))]
+    return ["set", *keys], [[name] + [scores.get(k) for k in keys] for name, scores in sets.items()]
+
+
+def log_table(key, sets, init):
+    """One W&B run (wandb.init(**init)): {name: scores} as the Table `key`, gen.evaluation's scores."""
+    import wandb
+
+    from .evaluation import SCORES
+    columns, rows = score_table(sets, [k for k, *_ in SCORES])
+    run = wandb.init(**init, settings=wandb.Settings(silent=True))
+    run.log({key: wandb.Table(columns=columns, data=rows)})
+    return run
+
+
+def log_eval_to_run(run_dir, meta, results):
     """Summary values and a table in the run's own W&B run (same id), when it has one."""
     run_id = meta.get("wandb_run_id")
     cfg = meta["config"]
     mode = wandb_mode(cfg["log"]["wandb"]) if run_id else None
     if not mode:
         return None
-    import wandb
-    run = wandb.init(id=run_id, resume="allow", project=cfg["log"]["project"], dir=str(Path(run_dir).resolve()),
-                     mode=mode, settings=wandb.Settings(silent=True))
+    run = log_table("eval/table", {"this run": results["model"], **results["floors"]}, dict(
+        id=run_id, resume="allow", project=cfg["log"]["project"], dir=str(Path(run_dir).resolve()), mode=mode))
     run.summary.update({f"eval/{k}": v for k, v in results["model"].items() if isinstance(v, float)})
-    columns = ["set"] + [k for k, _, _ in rows if k in results["model"]]
-    rows = [["this run"] + [results["model"].get(k) for k in columns[1:]]]
-    rows += [[name] + [s.get(k) for k in columns[1:]] for name, s in results["floors"].items()]
-    run.log({"eval/table": wandb.Table(columns=columns, data=rows)})
     run.finish()
     return mode
 
 
-def log_compare_table(facts, out, metrics):
-    """The metrics table as a W&B Table, in the runs' project (when their W&B is on)."""
+def log_compare_table(facts, out):
+    """The report's metrics table as a W&B Table, in the runs' project (when their W&B is on)."""
     on = [f for f in facts if f["wandb_run_id"]]
     mode = wandb_mode(on[0]["config"]["log"]["wandb"]) if on else None
     if not mode:
         return None
-    import wandb
-    keys = [k for k, _, _ in metrics if k in facts[0]["results"]["model"]]
-    run = wandb.init(project=on[0]["config"]["log"]["project"], job_type="compare", name=Path(out).stem, mode=mode,
-                     dir=str(Path(out).resolve().parent), settings=wandb.Settings(silent=True))
-    rows = [[f["name"]] + [f["results"]["model"].get(k) for k in keys] for f in facts]
-    rows += [[n] + [s.get(k) for k in keys] for n, s in facts[0]["results"]["floors"].items()]
-    run.log({"compare/table": wandb.Table(columns=["set", *keys], data=rows)})
-    run.finish()
+    sets = {**{f["name"]: f["results"]["model"] for f in facts}, **facts[0]["results"]["floors"]}
+    log_table("compare/table", sets, dict(project=on[0]["config"]["log"]["project"], job_type="compare",
+                                          name=Path(out).stem, mode=mode, dir=str(Path(out).resolve().parent))).finish()
     return mode

@@ -10,7 +10,10 @@ import argparse
 import sys
 import tempfile
 
+from gen.cli import command
 
+
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,22 +24,17 @@ def main(argv=None):
     p.add_argument("--space", choices=("domain", "inception"), default="domain")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from gen.checkpoint import CheckpointError
-    from gen.report import METRICS, render, run_facts, summary
-    from gen.shard_format import DataError, atomic_write_bytes
+    from gen.report import render, run_facts, summary
+    from gen.shard_format import atomic_write_bytes
     from gen.tracking import log_compare_table
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            facts = [run_facts(r, args, tmp) for r in args.runs]
-            page = render(facts, args)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        facts = [run_facts(r, args, tmp) for r in args.runs]
+        page = render(facts, args)
     atomic_write_bytes(args.out, page.encode())
     for line in summary(facts):
         print(f"- {line}")
     print(f"report: {args.out}")
-    if log_compare_table(facts, args.out, METRICS):
+    if log_compare_table(facts, args.out):
         print("W&B: table compare/table logged in the runs' project")
     return 0
 

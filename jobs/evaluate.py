@@ -14,10 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-ROWS = [("fid", "FID", "{:.3f}"), ("kid_mean", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"),
-        ("recall", "recall", "{:.3f}"), ("density", "density", "{:.3f}"), ("coverage", "coverage", "{:.3f}"),
-        ("legibility", "legibility", "{:.3f}"), ("class_min", "rarest class", "{:.3f}"),
-        ("class_max", "commonest class", "{:.3f}")]
+from gen.cli import command
+from gen.evaluation import SCORES, evaluate_run
 
 
 def table(results):
@@ -26,7 +24,7 @@ def table(results):
                                                if "model_normal_prior" in results else [])
     cols += [(k.replace("_", " "), v) for k, v in results["floors"].items()]
     lines = [f"{'':16}" + "".join(f"{name:>18}" for name, _ in cols)]
-    for key, label, fmt in ROWS:
+    for key, label, fmt, _ in SCORES:
         if key not in results["model"]:
             continue
         cells = []
@@ -40,6 +38,7 @@ def table(results):
     return "\n".join(lines)
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,17 +54,11 @@ def main(argv=None):
     p.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from gen.checkpoint import CheckpointError, run_dir_of
-    from gen.metrics import evaluate_run
+    from gen.run_dir import RunDir
     from gen.tracking import log_eval_to_run
-    from gen.shard_format import DataError
-    try:
-        results, ev, g = evaluate_run(args.run, args.data, args.n, args.space, args.seed, args.inception_weights,
-                                      args.truncation, args.device, max(1, args.seeds))
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out = run_dir_of(args.run) / "eval"
+    results, ev, g = evaluate_run(args.run, args.data, args.n, args.space, args.seed, args.inception_weights,
+                                  args.truncation, args.device, max(1, args.seeds))
+    out = RunDir.of(args.run).eval_metrics
     model = results["model"]
     print(f"{Path(args.run)} at step {results['step']}: n={ev.n}, features: {ev.space}"
           + (f"; VAE latents from the {results['prior']}" if "prior" in results else ""))
@@ -78,8 +71,8 @@ def main(argv=None):
         names = ev.domain_info.get("class_names") or []
         hist = ", ".join(f"{n}:{v:.3f}" for n, v in zip(names, model["class_hist"]))
         print(f"predicted classes of the samples: {hist}")
-    print(f"-> {out / 'metrics.json'}")
-    if not args.no_wandb and log_eval_to_run(run_dir_of(args.run), g.meta, results, ROWS):
+    print(f"-> {out}")
+    if not args.no_wandb and log_eval_to_run(RunDir.of(args.run).path, g.meta, results):
         print("logged to the run's W&B run (summary eval/*, table eval/table)")
     return 0
 

@@ -12,6 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from gen.errors import UserError
+from gen.cli import command
+
 README = """# {name}
 
 A {what} trained with deepgen ({step} steps, {size}px, {channels} channel(s){classes}).
@@ -31,6 +34,7 @@ or from the command line: `python -m jobs.sample {name} --n 64`.
 """
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,22 +42,20 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="new folder to write")
     p.add_argument("--n", type=int, default=64, help="images in the README's sample grid")
     args = p.parse_args(argv)
-    from gen.checkpoint import CheckpointError, export_weights
+    from gen.checkpoint import export_weights
     from gen.sample import load_generator, save_grid
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        print(f"error: --out {out} exists and is not an empty folder", file=sys.stderr)
-        return 1
+        raise UserError(f"--out {out} exists and is not an empty folder")
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         weights, meta = export_weights(args.run, tmp)
         g = load_generator(tmp)  # the grid comes from the exported files themselves
-    except CheckpointError as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise
     save_grid(g.sample(args.n, seed=0), tmp / "samples.png")
     c, size, _ = g.shape
     names = g.class_names

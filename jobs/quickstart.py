@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gen.run_dir import RunDir
+
 
 def step(title, args):
     print(f"\n== {title}: python {' '.join(args)}", flush=True)
@@ -61,7 +63,7 @@ def main(argv=None):
         print("\nreport:           report.html (open it in a browser)")
         return 0
     step("evaluate", ["-m", "jobs.evaluate", run_dir, "--n", str(args.eval_n), "--space", "domain"])
-    scores = json.loads(Path(run_dir, "eval", "metrics.json").read_text())
+    scores = json.loads(RunDir(run_dir).eval_metrics.read_text())
     model, floor = scores["model"], scores["floors"]["real_vs_real"]
     print(f"\nFID {model['fid']:.2f} (real vs real {floor['fid']:.2f}), legibility {model['legibility']:.2f} "
           f"(real digits {floor['legibility']:.2f}) on {scores['n']} samples, {scores['space']}")

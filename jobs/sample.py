@@ -16,10 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from gen.errors import UserError
+from gen.cli import command
 
+
+@command
 def main(argv=None):
-    from gen.checkpoint import CheckpointError
-    from gen.shard_format import DataError
+    from gen.run_dir import RunDir
     from gen.sample import load_generator, write_figures, write_npz
     p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,17 +38,10 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="VAE: shards to fit the ex-post mixture on (default: the run's data)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        g = load_generator(args.run, device=args.device, prior=args.prior, data=args.data)
-    except (CheckpointError, DataError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    g = load_generator(args.run, device=args.device, prior=args.prior, data=args.data)
     if args.truncation is not None and g.is_vae:
-        print("error: --truncation is for GANs", file=sys.stderr)
-        return 1
-    run = Path(args.run)
-    out = Path(args.out or (run / "final" if (run / "checkpoints").is_dir()
-                            else run.parent.parent / "final" if run.parent.name == "checkpoints" else run / "final"))
+        raise UserError("--truncation is for GANs")
+    out = Path(args.out or RunDir.of(args.run).final)
     written = write_figures(g, out, args.seed, args.n, args.steps, args.truncation)
     if args.npz:
         write_npz(g, Path(args.npz), args.n, args.seed, args.truncation)

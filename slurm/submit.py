@@ -19,6 +19,10 @@ from pathlib import Path
 
 import submitit
 
+from gen.cli import command
+from gen.errors import UserError
+from gen.run_dir import RunDir
+
 from .task import TrainTask
 
 
@@ -50,8 +54,9 @@ def build_parser():
     return p
 
 
-class SubmitError(Exception):
-    pass
+class SubmitError(UserError):
+    """A job that cannot be submitted as asked (nothing was submitted)."""
+    exit_code = 2
 
 
 def split_argv(argv):
@@ -152,7 +157,7 @@ def submit(argv=None):
         run_dir_of(args)  # a bad training option fails here, on the login node
         tasks.append(TrainTask(args, opts.max_requeues))
         run_dirs.append(run_dir)
-    folder = opts.logs or str(base_dir / "slurm" / "%j")
+    folder = opts.logs or str(RunDir(base_dir).slurm_logs)
     executor = make_executor(opts, folder)
     if opts.dry_run:
         print(sbatch_script(executor, folder))
@@ -169,15 +174,12 @@ def submit(argv=None):
     return jobs
 
 
+@command
 def main(argv=None):
     try:
         submit(argv)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except submitit.core.utils.FailedJobError as e:  # sbatch refused the job
-        print(f"error: sbatch failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 2
+        raise SubmitError(f"sbatch failed: {str(e).strip().splitlines()[-1]}") from None
     return 0
 
 

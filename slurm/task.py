@@ -19,7 +19,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         # lazy imports: the login node only pickles this object
         from gen.config import parse
         from gen.train import train
-        from jobs.train import configure_logging
+        from gen.cli import configure_logging
 
         configure_logging()
         env = submitit.JobEnvironment()

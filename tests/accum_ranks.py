@@ -2,7 +2,8 @@
 grad_accum k at micro-batch b, against the gradients of one batch of k*b written out here from
 the loss formulas (no family code, no accumulation), on the same images and noise. Run as one
 process or under 2 DDP ranks (the reference then covers both ranks' data, as DDP averages).
-Also records each DDP all-reduce: with no_sync in effect, none happens before the last micro-batch.
+Also records, for each DDP all-reduce, how many micro-batches its phase had run: with no_sync in
+effect, none happens before the last (k-th) one.
 
     python tests/accum_ranks.py OUT.json --preset gan --k 2 --b 8 [--gan-update simultaneous]
 """
@@ -19,7 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from gen.config import parse
 from gen.data import make_loader
 from gen.families import build_family
-from gen.train import prepare_family, run_phases
+from gen.train import prepare, run_phases
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
@@ -34,7 +35,7 @@ cfg = parse(["--preset", args.preset, "--data", args.data, "--model.width", "8",
              "--model.r1_gamma", "1", "--model.r1_every", "1", "--model.kl_warmup_steps", "0",
              "--model.gan_update", args.gan_update])
 simultaneous = cfg.model.family == "gan" and cfg.model.gan_update == "simultaneous"
-acc = Accelerator(cpu=True, gradient_accumulation_steps=K)
+acc = Accelerator(cpu=True)
 world, rank = acc.num_processes, acc.process_index
 torch.manual_seed(0)  # the same initial weights on every rank
 family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
@@ -44,27 +45,44 @@ if "D" in family.modules:  # converge spectral norm's power iteration, which mov
             family.modules["D"](torch.zeros(1, 1, 28, 28))
 initial = {n: copy.deepcopy(m) for n, m in family.modules.items()}
 names = list(family.modules)
-prepare_family(acc, family)
+prepared = prepare(acc, family)
 
-# what the optimizers see when they step, and how often DDP all-reduces each module's gradients
+# what the optimizers see when they step, and at which micro-batch DDP all-reduces each module's gradients
 grads, steps, reduces = {}, {n: 0 for n in names}, {n: [] for n in names}
-for n, opt in family.optimizers.items():
+micro_batches_run = [0]
+family_phases = family.phases
+
+
+def counting_phases(step):
+    """The family's phases, each counting the micro-batches it has run (from 1)."""
+    def counted(phase):
+        def loss(batch, step, nets):
+            micro_batches_run[0] += 1
+            return phase.loss(batch, step, nets)
+        return type(phase)(phase.names, loss, phase.frozen)
+    phases = family_phases(step)
+    return [counted(ph) for ph in phases]
+
+
+family.phases = counting_phases
+for n, opt in prepared.optimizers.items():
     def pre_step(optimizer, a, kw, n=n):
         steps[n] += 1
+        micro_batches_run[0] = 0  # the next phase counts from its first micro-batch
         grads[n] = [p.grad.detach().clone() for p in family.modules[n].parameters()]
     opt.optimizer.register_step_pre_hook(pre_step)
     if world > 1:
         def recording(state, bucket, n=n):
-            reduces[n].append(acc.sync_gradients)  # True only on the micro-batch that steps
+            reduces[n].append(micro_batches_run[0])  # K: only on the last micro-batch
             return default_hooks.allreduce_hook(None, bucket)
-        family.modules[n].register_comm_hook(None, recording)
+        prepared.nets[n].register_comm_hook(None, recording)
 
 loader, _, _ = make_loader(args.data, B, seed=0, rank=rank, world_size=world, workers=0)
 it = iter(loader)
 micro = [{"image": b["image"], "label": b["label"]} for b in (next(it) for _ in range(K))]
 NOISE_SEED = 1234 + rank
 torch.manual_seed(NOISE_SEED)
-run_phases(family, micro, 0, acc, 0.0)
+run_phases(family, prepared, micro, 0, acc, 0.0)
 
 # the reference: every rank's images and noise, drawn in the family's order, as one batch
 torch.manual_seed(NOISE_SEED)

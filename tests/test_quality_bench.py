@@ -10,7 +10,8 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from helpers import ROOT, run
-from gen.metrics import copy_check, nearest_distances
+sys.path.insert(0, str(ROOT / "bench"))
+from memorisation import copy_check, nearest_distances  # noqa: E402
 
 
 def test_nearest_distances_and_copy_check():

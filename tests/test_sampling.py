@@ -53,7 +53,7 @@ def test_sampler_statistics_are_those_of_its_own_activations(preset, extra):
     cfg = parse(["--preset", preset, "--model.width", "8", *extra])
     shape = (1, 28, 28) if preset == "gan" else (3, 32, 32)
     family = build_family(cfg.model, cfg.optim, shape, 10)
-    G = family.plain["G"]
+    G = family.modules["G"]
     for m in G.modules():
         if isinstance(m, torch.nn.BatchNorm2d):  # statistics that belong to other weights
             m.running_mean.normal_(0, 3)
