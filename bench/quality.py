@@ -129,6 +129,7 @@ def score(run_dir, data, n, ev):
     """jobs.evaluate's scores, the VAE's test ELBO and the memorisation check."""
     import torch
     from gen import features as feats
+    from gen.data import to_uint8
     from gen.evaluation import score_sampler
     from gen.sample import load_generator
     g = load_generator(run_dir, data=data)
@@ -138,7 +139,7 @@ def score(run_dir, data, n, ev):
     if g.is_vae:
         out["test_elbo"] = float(g.elbo(feats.to_float(test_x)).mean())
     tmp = run_dir / ".bench-samples.pt.tmp"  # the scored samples as uint8, to look at or rescore later
-    torch.save(((samples + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), tmp)
+    torch.save(to_uint8(samples), tmp)
     os.replace(tmp, run_dir / "bench-samples.pt")
     train_x, _ = feats.load_real(data, "train", seed=0)
     train = feats.to_float(train_x)

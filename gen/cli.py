@@ -9,6 +9,8 @@ its traceback.
 import errno
 import functools
 import logging
+import os
+import socket
 import sys
 import warnings
 
@@ -31,6 +33,17 @@ def end_process_group():
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # a failed run's DDP wrappers hold the group
         dist.destroy_process_group()
+
+
+def reachable(host, port=443, timeout=3.0):
+    """Whether a TCP connection to host:port opens; never with DEEPGEN_OFFLINE set (compute nodes)."""
+    if os.environ.get("DEEPGEN_OFFLINE"):
+        return False
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def error(message):

@@ -363,6 +363,11 @@ def to_float(images):
     return images.float().div_(127.5).sub_(1.0)
 
 
+def to_uint8(images):
+    """Images in [-1, 1] (clipped) -> uint8, to_float's inverse up to rounding."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 class FloatBatches:
     """Iterates a DataLoader of uint8 batches, giving float images in [-1, 1] (one vectorised op
     per batch, in the consuming process). `.loader` gives the uint8 batches."""

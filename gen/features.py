@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import to_float
-from .shard_format import DataError, atomic_write_bytes, read_manifest
+from .data import to_float, to_uint8
+from .shard_format import DataError, atomic_save_tensors, atomic_write_bytes, read_manifest
 
 log = logging.getLogger("gen.features")
 DOMAIN_VERSION = 1  # bump when the domain nets or their training change: old caches are not reused
@@ -40,7 +40,7 @@ def load_real(shards, split, limit=None, seed=0):
                                shuffle_buffer=5000)
     images, labels, n = [], [], 0
     for batch in loader:
-        images.append(((batch["image"] + 1) * 127.5).round().to(torch.uint8))
+        images.append(to_uint8(batch["image"]))
         labels.append(batch["label"])
         n += len(batch["label"])
         if limit and n >= limit:
@@ -151,7 +151,7 @@ def _domain_key(manifest, split, seed):
 def domain_net(shards, seed=0, split="train", progress=True):
     """(DomainNet, info) for a shard folder: loaded from the cache, or trained (and cached).
     info: kind (classifier | contrastive), held-out accuracy, which images were held out."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     manifest = read_manifest(shards)
     num_classes = len(manifest.get("class_names") or [])
     key = _domain_key(manifest, split, seed)
@@ -175,9 +175,7 @@ def domain_net(shards, seed=0, split="train", progress=True):
         info["held_out_accuracy"] = float((probs.argmax(1) == test_y).float().mean())
         info["held_out_count"] = len(test_y)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.safetensors")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, path.with_suffix(".safetensors"))
+    atomic_save_tensors(path.with_suffix(".safetensors"), net.state_dict())
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(info, indent=1).encode())
     return net, info
 
@@ -217,7 +215,7 @@ class InceptionFeatures(nn.Module):
         self.num_features = 2048
 
     def forward(self, x):
-        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = to_uint8(x)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         return self.net(x).reshape(len(x), -1)

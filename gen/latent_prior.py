@@ -17,6 +17,12 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from .data import to_float
+from .features import load_real
+from .run_dir import RunDir
+from .shard_format import atomic_save_tensors
 
 log = logging.getLogger("gen.latent_prior")
 # mixture sizes tried, in order; the one with the best held-out log-likelihood is kept. Too many
@@ -76,12 +82,10 @@ def sample(prior, n, generator):
 
 def fit_on(g, images, labels, components=None, seed=0):
     """The mixture for VAE sampler `g`, fitted on the posterior means of uint8 `images`."""
-    from .data import to_float
     return fit(g.encode(to_float(images), labels), components, seed)
 
 
 def cache_path(g, source):
-    from .run_dir import RunDir
     return RunDir.of(source).latent_prior(int(g.meta.get("step") or 0))
 
 
@@ -89,7 +93,6 @@ def load_or_fit(g, source, data=None, n=FIT_IMAGES, components=None, seed=0):
     """The mixture for sampler `g` loaded from `source` (run dir, checkpoint or export): from the
     cache, else fitted on up to `n` training images of `data` (default: the run's data path)
     and cached. None for GANs, or (with a warning) when the training data is not at hand."""
-    from safetensors.torch import load_file, save_file
     if not g.is_vae:
         return None
     path = cache_path(g, source)
@@ -99,11 +102,8 @@ def load_or_fit(g, source, data=None, n=FIT_IMAGES, components=None, seed=0):
     if not (Path(data) / "manifest.json").is_file():
         log.warning("no shards at %s to fit the VAE's ex-post latent density: sampling from N(0, I)", data)
         return None
-    from . import features as feats
-    x, labels = feats.load_real(data, g.config.data.split, limit=n, seed=seed)
+    x, labels = load_real(data, g.config.data.split, limit=n, seed=seed)
     prior = fit_on(g, x, labels, components, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(prior, tmp, metadata={"images": str(len(x)), "data": str(data), "seed": str(seed)})
-    tmp.replace(path)
+    atomic_save_tensors(path, prior, metadata={"images": str(len(x)), "data": str(data), "seed": str(seed)})
     return prior

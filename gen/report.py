@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 from .evaluation import SCORES, evaluate_run
+from .families import build_family
 from .run_dir import RunDir
+from .sample import load_generator, write_figures
 
 
 
@@ -50,8 +52,6 @@ def curves_png(name, rows):
 
 def run_facts(run, args, tmp):
     """Everything the report shows about one run."""
-    from .families import build_family
-    from .sample import load_generator, write_figures
     g = load_generator(run)
     run_dir = RunDir.of(run)
     saved = run_dir.eval_metrics

@@ -11,7 +11,11 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from . import latent_prior
 from .batch_stats import batch_norms, recompute_batch_stats
+from .checkpoint import load_sampling_module
+from .data import make_loader, to_uint8
+from .shard_format import read_manifest
 from .shard_format import atomic_write_bytes
 
 
@@ -66,8 +70,7 @@ class Sampler:
 
     def latents(self, n, seed=0, truncation=None):
         if self.prior is not None:
-            from .latent_prior import sample
-            return sample(self.prior, n, torch.Generator().manual_seed(seed))
+            return latent_prior.sample(self.prior, n, torch.Generator().manual_seed(seed))
         return truncated_normal((n, self.latent_dim), truncation, torch.Generator().manual_seed(seed))
 
     def default_labels(self, n):
@@ -128,7 +131,6 @@ def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0
                           device=device)
     g = Sampler(family, module, cfg, dict(meta, batch_stats="recomputed"), device)
     if g.is_vae and fit_images is not None:
-        from . import latent_prior
         g.prior = latent_prior.fit_on(g, *fit_images, components=components, seed=seed)
     return g
 
@@ -140,8 +142,6 @@ def load_generator(path, device="cpu", prior="auto", data=None):
     before those were saved get them recomputed here (the mixture fitted on the run's shards and
     cached in the run dir), and so does a mixture asked for on other shards (`data`).
     prior="normal": a VAE samples N(0, I) instead."""
-    from . import latent_prior
-    from .checkpoint import load_sampling_module
     family, module, cfg, meta, saved_prior = load_sampling_module(path, device)
     if meta.get("batch_stats") != "recomputed" and batch_norms(module):
         recompute_batch_stats(module, family.generate, cfg.model.latent_dim, meta.get("num_classes", 0), device=device)
@@ -162,7 +162,7 @@ def write_npz(g, path, n, seed, truncation, batch=1000):
     z = g.latents(n, seed, truncation)
     for i in tqdm(range(0, n, batch), desc="npz", unit="batch"):
         images = g.generate(z[i:i + batch], g.default_labels(n)[i:i + batch])
-        out[i:i + batch] = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out[i:i + batch] = to_uint8(images).permute(0, 2, 3, 1).numpy()
     buf = io.BytesIO()
     np.savez(buf, arr_0=out)
     atomic_write_bytes(path, buf.getvalue())
@@ -196,8 +196,6 @@ def interpolations(g, out, steps, seed, truncation):
 
 def vae_figures(g, out, data_path):
     """Reconstructions; with a 2-D latent the manifold and the latent scatter."""
-    from .data import make_loader
-    from .shard_format import read_manifest
     written = []
     manifest = read_manifest(data_path)
     split = "test" if "test" in manifest["splits"] else "train"

@@ -31,6 +31,12 @@ class DecodeError(ValueError):
     so every epoch skips it again)."""
 
 
+def atomic_save_tensors(path, tensors, metadata=None):
+    """A safetensors file written as atomic_write_bytes writes."""
+    from safetensors.torch import save
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
+
+
 def atomic_write_bytes(path, data):
     """Temp file + fsync + rename: a kill leaves the previous file or the new one, never half."""
     path = Path(path)

@@ -4,8 +4,9 @@ requeued job continues the same run. The key is read by wandb itself and never p
 import logging
 import netrc
 import os
-import socket
 from pathlib import Path
+
+from .cli import reachable
 
 log = logging.getLogger("gen.tracking")
 
@@ -18,14 +19,6 @@ def _has_api_key():
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(auth and auth[2])
-
-
-def _reachable(host="api.wandb.ai", port=443, timeout=3.0):
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def wandb_mode(setting):
@@ -41,7 +34,7 @@ def wandb_mode(setting):
         log.warning("W&B: no API key (run `wandb login` or set WANDB_API_KEY): logging offline; "
                     "upload later with `wandb sync RUN_DIR/wandb/offline-run-*`")
         return "offline"
-    if not _reachable():
+    if not reachable("api.wandb.ai"):
         log.warning("W&B: api.wandb.ai unreachable: logging offline; upload later with `wandb sync RUN_DIR/wandb/offline-run-*`")
         return "offline"
     return "online"

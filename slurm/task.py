@@ -1,6 +1,7 @@
 """The job submitit runs: training under SLURM, handing preemption back to submitit."""
 import os
 import signal
+import sys
 import time
 
 import submitit
@@ -17,9 +18,10 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self):
         # lazy imports: the login node only pickles this object
+        from gen.cli import configure_logging, end_process_group, error
         from gen.config import parse
+        from gen.errors import UserError
         from gen.train import train
-        from gen.cli import configure_logging
 
         configure_logging()
         env = submitit.JobEnvironment()
@@ -33,7 +35,12 @@ class TrainTask(submitit.helpers.Checkpointable):
             torch.set_num_threads(int(cpus))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = parse(self.train_args + ["--train.resume", "auto"])
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except UserError as e:  # one line in the job's log, as on the command line; the job fails
+            error(e)
+            end_process_group()
+            sys.exit(e.exit_code)
         if result.stopped_by is not None:
             self._hand_over_to_submitit(env, result.stopped_by)
         return {"step": result.step, "run_dir": result.run_dir, "checkpoint": result.checkpoint,

@@ -169,7 +169,18 @@ def test_conditional_model_writes_a_grid_per_class(eval_env, tmp_path):
         env=env, check=True)
     run(["-m", "jobs.sample", str(tmp_path / "c"), "--out", str(tmp_path / "s")], env=env, check=True)
     from PIL import Image
-    assert Image.open(tmp_path / "s/classes.png").size == (10 * 30 + 2, 10 * 30 + 2)  # 10 classes x 10
+
+    from gen.sample import load_generator, save_grid
+    shown = np.asarray(Image.open(tmp_path / "s/classes.png"))
+    assert shown.shape[:2] == (10 * 30 + 2, 10 * 30 + 2)  # 10 classes x 10
+    # row c is class c: the same latents (jobs.sample's seed + 3) given label c in row c redraw it
+    # pixel for pixel; the same latents with the rows' labels rotated by one do not
+    g = load_generator(tmp_path / "c")
+    z = g.latents(100, seed=3)
+    for shift, same in ((0, True), (1, False)):
+        labels = (torch.arange(10).repeat_interleave(10) + shift) % 10
+        save_grid(g.generate(z, labels), tmp_path / f"by-hand-{shift}.png", nrow=10)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"by-hand-{shift}.png")), shown) == same, shift
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (.ci/install installs it)")
@@ -271,7 +282,7 @@ def test_latent_mixture_size_is_chosen_by_held_out_likelihood():
         assert choose_components(torch.randn(400, 16, generator=g), seed=seed) == 1
 
 
-def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_path):
+def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_path, monkeypatch):
     from gen import features as feats
     from gen.sample import load_generator
     shards, env, _ = eval_env
@@ -291,7 +302,20 @@ def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_p
     ev = run(["-m", "jobs.evaluate", str(vae_run), "--n", "300", "--no-wandb", "--seeds", "1"], env=env, check=True)
     assert "N(0, I) prior" in ev.stdout and "ex-post mixture" in ev.stdout
     results = json.loads((vae_run / "eval/metrics.json").read_text())
-    assert results["model"]["fid"] != results["model_normal_prior"]["fid"]
+    # each column is scored on the latents it names: rescored here from latents drawn by hand, the
+    # mixture's own draw for "model" and torch.randn for the N(0, I) column (same sample seed, 1000)
+    from gen.latent_prior import sample as mixture_sample
+    from gen.metrics import Evaluator
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    scorer = Evaluator(str(shards), n=300, space="domain", seed=0, progress=False)
+    n = results["n"]
+    by_hand = {"model": mixture_sample(g.prior, n, torch.Generator().manual_seed(1000)),
+               "model_normal_prior": torch.randn(n, g.latent_dim, generator=torch.Generator().manual_seed(1000))}
+    fids = {col: scorer.score(g.generate(z))["fid"] for col, z in by_hand.items()}
+    for col, fid in fids.items():
+        assert abs(results[col]["fid"] - fid) < 1e-6 * max(1.0, fid), (col, results[col]["fid"], fid)
+    assert abs(fids["model"] - fids["model_normal_prior"]) > 0.01 * fids["model"]  # the priors differ in what they give
 
 
 def test_report_pictures_and_table_come_from_one_sampler(eval_env, vae_run, tmp_path, monkeypatch):

@@ -1,25 +1,37 @@
 """Run under 2 DDP processes: train, then rank 0 records whether every rank holds the same
-weights (and which precision and world size it ran with), and which threads outlive the process
-group (gloo threads alive at interpreter exit can abort it)."""
+weights, buffers and EMA weights, tensor for tensor (and which precision and world size it ran
+with), whether training moved them from the initial weights (rebuilt here from the seed), and
+which threads outlive the process group (gloo threads alive at interpreter exit can abort it)."""
 import json
 import os
 import sys
 
 import torch
+from accelerate.utils import set_seed
 
 from gen.config import parse
+from gen.families import build_family
+from gen.shard_format import read_manifest
 from gen.train import train
 
 out, args = sys.argv[1], sys.argv[2:]
-result = train(parse(args), keep_process_group=True)
-flat = torch.cat([p.detach().float().flatten() for m in result.modules.values() for p in m.parameters()])
-digests = [None, None]
-torch.distributed.all_gather_object(digests, [float(flat.sum()), float(flat.abs().sum()), flat.numel(),
-                                              torch.distributed.get_world_size()])
-rank = torch.distributed.get_rank()
+cfg = parse(args)
+result = train(cfg, keep_process_group=True)
+modules = {**result.modules, **({"ema": result.ema.module} if result.ema else {})}
+flat = torch.cat([t.detach().float().flatten() for m in modules.values() for t in m.state_dict().values()])
+gathered = [torch.empty_like(flat) for _ in range(torch.distributed.get_world_size())]
+torch.distributed.all_gather(gathered, flat)
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 torch.distributed.destroy_process_group()
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 if rank == 0:
-    identical = all(torch.equal(torch.tensor(d), torch.tensor(digests[0])) for d in digests)
-    json.dump({"digests": digests, "identical": identical, "step": result.step,
-               "threads_after_destroy": threads}, open(out, "w"))
+    manifest = read_manifest(cfg.data.path)
+    set_seed(cfg.train.seed)  # rank 0's initial weights, which DDP gives every rank
+    initial = build_family(cfg.model, cfg.optim, (manifest["channels"], manifest["image_size"], manifest["image_size"]),
+                           len(manifest.get("class_names") or [])).modules
+    moved = {n: any(not torch.equal(a.float(), b.float()) for a, b in zip(m.state_dict().values(),
+                                                                           initial[n].state_dict().values()))
+             for n, m in result.modules.items()}
+    json.dump({"world_size": world, "numel": flat.numel(), "identical": all(torch.equal(t, flat) for t in gathered),
+               "max_diff": max(float((t - flat).abs().max()) for t in gathered), "moved": moved,
+               "step": result.step, "threads_after_destroy": threads}, open(out, "w"))
