@@ -35,7 +35,8 @@ from torchvision import datasets, transforms
 ROOT = Path(__file__).resolve().parents[1]
 ZIP = ROOT.parent / "shared" / "datasets" / "pokemon-819-128px.zip"
 sys.path.insert(0, str(ROOT))
-from gen.data import decode_png_tensor, make_loader  # noqa: E402
+from gen.data import make_loader  # noqa: E402
+from gen.shard_reader import decode_png_tensor  # noqa: E402
 
 
 def colour_images(n, size=64, seed=0):
@@ -180,7 +181,7 @@ def main():
             ratios = [best[name, w] / raw for w in ("indexed", "indexed, batch 256")]
             print(f"| {name} | " + " | ".join(cells) + " | "
                   + " | ".join(f"{r:.2f} ({'PASS' if r >= 0.9 else 'FAIL'} >= 0.90)" for r in ratios) + " |")
-        print(f"tar reader / raw: " + ", ".join(f"{n} {best[n, 'tar reader'] / best[n, 'raw decode']:.2f}" for n in sets))
+        print("tar reader / raw: " + ", ".join(f"{n} {best[n, 'tar reader'] / best[n, 'raw decode']:.2f}" for n in sets))
 
         print("\nbytes read per epoch, all slots of 2 ranks x 4 workers, over the shards' size")
         print("| shards | with index | without (tar reader) |")

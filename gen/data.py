@@ -14,6 +14,7 @@ when there are at least as many shards as slots, else by sample index. Resampled
 slot draws shards with replacement (open_clip's ResampledShards), for multi-node runs on few
 large shards. Streams are infinite unless `epochs` is given; training counts steps, not epochs.
 
+Reading and decoding live in gen/shard_reader.py; this module plans the streams and batches.
 Indexed shards (the `.idx` beside each tar, recorded in the manifest) are read by sample: the
 stream is made of sample ids, shuffled and split before any byte is read, and each id becomes
 one `os.pread` of that sample's bytes at its indexed offset. A slot reads exactly its own
@@ -32,37 +33,23 @@ import logging
 import os
 import random
 import signal
-import tarfile
 import threading
-from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_png
 
 from .device_data import DeviceData
-from .shard_format import DataError, DecodeError, SplitIndex, read_manifest, split_shards  # noqa: F401 (DataError re-exported)
+from .shard_reader import ShardReader, rate_limited_warning
+from .shard_format import DataError, DecodeError
 
 log = logging.getLogger("gen.data")
-OPEN_SHARDS = 64  # file descriptors kept open per worker for indexed reads
 
 
 def stream_seed(seed, epoch, slot):
     """The integer that seeds one slot's stream in one epoch (shard draws, shuffle buffer).
     Plain arithmetic, so it is the same in every process and Python version."""
     return (seed * 1_000_003 + epoch) * 1_000_003 + slot
-
-
-def decode_png_tensor(data, channels):
-    """uint8 (C, H, W) from a 1-D uint8 tensor of PNG bytes. torchvision's op called directly: its
-    Python wrapper (API-usage log, a deprecation warning per call) adds ~7 us to a ~95 us decode
-    of a 64 px image. Falls back to the wrapper where the op is not registered."""
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    op = getattr(torch.ops.image, "decode_png", None) if hasattr(torch.ops, "image") else None
-    return op(data, mode.value, False) if op is not None else decode_png(data, mode=mode)
 
 
 def read_bytes_so_far():
@@ -75,40 +62,22 @@ def read_bytes_so_far():
 
 
 class ShardStream(IterableDataset):
-    """Decoded, batched samples of one rank. `positions[w]` = {"epoch", "offset", "skipped"} is
-    where logical worker w resumes; `rotation` maps DataLoader worker p to logical (p + rotation) % W."""
+    """Decoded, batched samples of one rank: each logical worker's epochs planned (shard order,
+    its share, the shuffle buffer) over a ShardReader, which reads and decodes. `positions[w]` =
+    {"epoch", "offset", "skipped"} is where logical worker w resumes; `rotation` maps DataLoader
+    worker p to logical (p + rotation) % W."""
 
     def __init__(self, root, split="train", batch_size=64, seed=0, rank=0, world_size=1, num_workers=0,
                  shuffle_buffer=1000, resampled=False, epochs=None, positions=None, rotation=0, cache_mb=1024,
                  use_index=True):
-        manifest = read_manifest(root)
-        shards = split_shards(root, split, manifest)
-        self.urls = [url for url, _ in shards]
-        self.expected = dict(shards)  # url -> sample count, to detect truncated shards
-        self.base, total = {}, 0      # global sample ids: shard url holds [base, base + count)
-        for url, n in shards:
-            self.base[url], total = total, total + n
-        self.names = [Path(u).name for u in self.urls]
-        self.size, self.channels = manifest["image_size"], manifest["channels"]
-        self.class_names = manifest.get("class_names")
+        self.reader = reader = ShardReader(root, split, rank=rank, cache_mb=cache_mb, use_index=use_index)
+        self.urls, self.index, self.num_samples = reader.urls, reader.index, reader.num_samples
+        self.size, self.channels, self.class_names = reader.size, reader.channels, reader.class_names
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.shuffle_buffer, self.resampled, self.epochs = shuffle_buffer, resampled, epochs
         self.positions = positions or {}
         self.rotation = rotation
-        self.num_samples = total
-        records = {s["name"]: s.get("index") for s in manifest["splits"][split]["shards"]}
-        self.index = SplitIndex(root, [(u, n, records[Path(u).name] if use_index else None) for u, n in shards],
-                                self.base, rank)
-        # shards replayed as sample ids: indexed ones, and streamed ones once fully read into the cache
-        self.known = {url: (self.expected[url], 0) for url in self.index.indexed}  # url -> (samples, lost)
-        self._fds = OrderedDict()
-        # Decoded-image cache, per worker: PNG decode costs ~100-200 us per 64 px sample, so small
-        # data sets (MNIST, Pokémon) are decoded once and replayed from memory. Every worker may meet
-        # every shard (shard order changes per epoch), so the whole split must fit the budget; the
-        # replayed stream is sample for sample the one read from disk.
-        decoded_mb = self.num_samples * self.channels * self.size * self.size / 2**20
-        self.cache = {} if 0 < decoded_mb <= cache_mb else None
         slots = world_size * self.num_workers
         if not resampled and len(self.urls) < slots and len(self.index.indexed) < len(self.urls) and rank == 0:
             log.warning("%d shards for %d loader slots (%d ranks x %d workers) and no index: every slot reads every "
@@ -116,7 +85,6 @@ class ShardStream(IterableDataset):
                         "index %s` (slots then read only their own samples), or write >= %d shards, or use "
                         "--data.resampled", len(self.urls), slots, world_size, self.num_workers, slots, slots, root, slots)
 
-    # --- one worker's stream -------------------------------------------------------------
     def _epoch_sources(self, epoch, slot, slots):
         """(shard urls, sample stride) this slot reads in `epoch`."""
         if self.resampled:
@@ -130,110 +98,16 @@ class ShardStream(IterableDataset):
 
     def _raw_epoch(self, epoch, slot, slots, stats):
         urls, stride = self._epoch_sources(epoch, slot, slots)
-        samples = (s for url in urls for s in self._read_shard(url, stats))
+        samples = (s for url in urls for s in self.reader.read_shard(url, stats))
         if stride:
             samples = (s for i, s in enumerate(samples) if i % stride[1] == stride[0])
         rng = random.Random(stream_seed(self.seed, epoch, slot))
         return _shuffle(samples, self.shuffle_buffer, rng) if self.shuffle_buffer > 1 else samples
 
-    def _read_shard(self, url, stats):
-        """The samples of one tar, in order: sample ids (indexed or already cached shards: nothing
-        is read here), else raw dicts from webdataset's tar reader (ids when caching). A read
-        error skips the rest of the shard; a tar that ends early (webdataset stops quietly at a
-        truncation) is caught by comparing with the manifest's count."""
-        base = self.base[url]
-        if url in self.known:
-            n, lost = self.known[url]
-            yield from range(base, base + n)
-            self._count_lost(url, lost, stats)
-            return
-
-        def on_tar_error(exn):
-            _rate_limited_warning(stats, f"{Path(url).name}: read error, rest of shard skipped: {type(exn).__name__}: {exn}")
-            return False  # stop this shard; the count check below records what was lost
-
-        n = 0
-        try:
-            for sample in wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": url}])):
-                if self.cache is not None:
-                    self.cache[base + n] = self._decode_or_error(sample)
-                    sample = base + n
-                n += 1
-                yield sample
-        except (OSError, ValueError, tarfile.TarError) as e:
-            _rate_limited_warning(stats, f"{Path(url).name}: unreadable ({type(e).__name__}: {e})")
-        lost = self.expected[url] - n
-        if self.cache is not None:
-            self.known[url] = (n, lost)
-        self._count_lost(url, lost, stats)
-
-    def _count_lost(self, url, lost, stats):
-        if lost > 0:
-            stats["skipped"] += lost
-            _rate_limited_warning(stats, f"{Path(url).name}: truncated or damaged, {lost} samples missing")
-
-    def _decode_or_error(self, sample):
-        """(image, label, key), or a DecodeError for a corrupt sample. `sample` is a sample id
-        (from the cache, else read through the index) or a raw dict from the tar reader."""
-        if isinstance(sample, int):
-            hit = self.cache.get(sample) if self.cache is not None else None
-            if hit is None:
-                hit = self._read_indexed(sample)
-                if self.cache is not None:
-                    self.cache[sample] = hit
-            return hit
-        try:
-            label = int(sample["cls"]) if "cls" in sample else -1
-            return self._decode(sample.get("png"), label, f"{Path(sample['__url__']).name}/{sample['__key__']}")
-        except (RuntimeError, ValueError, KeyError) as e:
-            return DecodeError(f"corrupt sample {sample.get('__url__')}/{sample.get('__key__')} skipped: {e}")
-
-    def _read_indexed(self, sample_id):
-        """One sample by its index entry: one positional read of its byte span, then decode."""
-        start, length, png_at, png_size, cls_at, cls_size, shard = self.index.spans[sample_id].tolist()
-        key = f"{self.names[shard]}/{self.index.keys[sample_id].decode()}"
-        try:
-            buf = bytearray(length)
-            if os.preadv(self._fd(self.urls[shard]), [buf], start) != length:
-                raise ValueError("shard ends before the sample (truncated?)")
-            label = int(buf[cls_at:cls_at + cls_size]) if cls_at >= 0 else -1
-            return self._decode(torch.frombuffer(memoryview(buf)[png_at:png_at + png_size], dtype=torch.uint8), label, key)
-        except (OSError, RuntimeError, ValueError) as e:
-            return DecodeError(f"corrupt sample {key} skipped: {e}")
-
-    def _fd(self, url):
-        fd = self._fds.pop(url, None)
-        if fd is None:
-            fd = os.open(url, os.O_RDONLY)
-            if len(self._fds) >= OPEN_SHARDS:
-                os.close(self._fds.popitem(last=False)[1])
-        self._fds[url] = fd  # most recently used last
-        return fd
-
-    def _decode(self, png, label, key):
-        if png is None:
-            raise ValueError("sample has no png")
-        if not isinstance(png, torch.Tensor):
-            png = torch.frombuffer(bytearray(png), dtype=torch.uint8)
-        img = decode_png_tensor(png, self.channels)
-        if img.shape != (self.channels, self.size, self.size):
-            raise ValueError(f"image of shape {tuple(img.shape)}, expected {(self.channels, self.size, self.size)}")
-        return img, label, key
-
-    def decode_split(self):
-        """Every sample of the split, read once: (sample id, (image, label, key) or DecodeError).
-        For a reader that keeps the decoded split itself (DeviceData): streamed shards become
-        replayable as ids on the way, and no decoded-image cache is kept here afterwards."""
-        self.cache, stats = {}, {"skipped": 0, "warned": 0}
-        for url in self.urls:
-            for sample_id in self._read_shard(url, stats):
-                yield sample_id, self._decode_or_error(sample_id)
-        self.cache = None
-
     def __iter__(self):
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.rotation) % self.num_workers
-        yield from self.batches(logical, self._decode_or_error, _stack)
+        yield from self.batches(logical, self.reader.decode, _stack)
 
     def batches(self, logical, resolve, collate):
         """Logical worker `logical`'s batches: `resolve` turns a stream item into a decoded item
@@ -251,7 +125,7 @@ class ShardStream(IterableDataset):
                 decoded = resolve(sample)
                 if isinstance(decoded, DecodeError):
                     stats["skipped"] += 1
-                    _rate_limited_warning(stats, str(decoded))
+                    rate_limited_warning(stats, str(decoded))
                     continue
                 items.append(decoded)
                 if len(items) == self.batch_size:
@@ -291,13 +165,6 @@ def _shuffle(samples, bufsize, rng):
         yield sample
     rng.shuffle(buf)
     yield from buf
-
-
-def _rate_limited_warning(stats, message):
-    stats["warned"] += 1
-    n = stats["warned"]
-    if n <= 5 or n % 100 == 0:
-        log.warning("%s (%d skipped so far in this worker)", message, stats["skipped"])
 
 
 class PositionTracker:

@@ -19,7 +19,7 @@ class DeviceData:
         images = torch.zeros((n, c, s, s), dtype=torch.uint8)
         labels = torch.full((n,), -1, dtype=torch.long)
         self.keys, self.valid = [None] * n, np.zeros(n, dtype=bool)
-        for sample_id, decoded in stream.decode_split():
+        for sample_id, decoded in stream.reader.decode_split():
             if not isinstance(decoded, DecodeError):
                 images[sample_id], labels[sample_id], self.keys[sample_id] = decoded
                 self.valid[sample_id] = True

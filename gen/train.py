@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import checkpoint, tracking
 from .augment import random_mirror
 from .config import to_dict, validate
-from .data import make_loader, read_manifest, to_float
+from .data import make_loader, to_float
 from .ema import EMA
 from .errors import TrainingFailed
 from .families import build_family
@@ -42,7 +42,7 @@ from .metrics import Evaluator
 from .run_dir import RunDir
 from .runlock import RunDirLocked, RunLock
 from .sample import sampler_for, save_grid
-from .shard_format import atomic_write_bytes
+from .shard_format import atomic_write_bytes, read_manifest
 
 log = logging.getLogger("gen.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)

@@ -88,7 +88,7 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(mnist_shards
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    from gen.data import DataError
+    from gen.shard_format import DataError
     with pytest.raises(DataError, match="python -m data_prep"):
         make_loader(tmp_path, batch_size=4)
 
