@@ -10,9 +10,10 @@ from pathlib import Path
 
 from gen.cli import command, reachable
 from gen.runlock import RunDirLocked, RunLock
+from gen.shard_format import read_manifest
 
 from . import PrepError
-from . import shards, sources
+from . import check, preview, shards, sources
 
 PREP_LOCK = ".prep.lock"
 
@@ -110,24 +111,24 @@ def main(argv=None):
     warnings.filterwarnings("ignore", module="webdataset")
     args = build_parser().parse_args(argv)
     if args.command == "verify":
-        problems = shards.verify(args.dir)
+        problems = check.verify(args.dir)
         for p in problems:
             print(f"verify: {p}")
         if problems:
             print(f"verify: FAILED, {len(problems)} problem(s) in {args.dir}")
             return 1
-        m = shards.read_manifest(args.dir)
+        m = read_manifest(args.dir)
         counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
         print(f"verify: OK {args.dir}: {counts} samples, {m['image_size']}px x {m['channels']}ch")
         return 0
     if args.command == "index":
-        done, problems = shards.index_folder(args.dir)
+        done, problems = check.index_folder(args.dir)
         for p in problems:
             print(f"index: {p}")
         print(f"index: {done} shard(s) indexed in {args.dir}" + (f", {len(problems)} problem(s)" if problems else ""))
         return 1 if problems else 0
     if args.command == "preview":
-        n = shards.preview(args.dir, args.out, args.n, args.split)
+        n = preview.preview(args.dir, args.out, args.n, args.split)
         print(f"preview: {n} samples -> {args.out}")
         return 0
     if args.shard_size < 1:

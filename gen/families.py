@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import nets
+from . import clusters, nets
+from .data import to_float
 from .errors import ConfigError
 from .augment import check_policy, diff_augment
 
@@ -48,7 +49,7 @@ class GANFamily:
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         check_policy(model_cfg.diffaug)
-        n = num_classes if model_cfg.conditional else 0
+        n = self.num_labels = num_classes if model_cfg.conditional else model_cfg.self_condition
         if model_cfg.arch == "seed":
             if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
                 raise ConfigError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
@@ -63,6 +64,8 @@ class GANFamily:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
             D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm,
                                                                model_cfg.d_batchnorm)
+        if model_cfg.self_condition:
+            clusters.attach(G, model_cfg.self_condition, shape)
         self.modules = {"G": G} if sampling_only else {"G": G, "D": D}
         self.optimizers, self.base_lr = {}, {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
         if sampling_only:
@@ -77,7 +80,18 @@ class GANFamily:
 
     def labels(self, labels):
         """The labels a module is given: None for an unconditional model."""
-        return labels if self.cfg.conditional else None
+        return labels if self.num_labels else None
+
+    def batch_labels(self, batch):
+        """A real batch's labels as the modules see them: the shards' classes, the images' own
+        clusters (self-conditioned), or None."""
+        if self.cfg.self_condition:
+            return clusters.assign(self.modules["G"], batch["image"])
+        return self.labels(batch["label"])
+
+    def fit_data(self, images):
+        """Before training, a self-conditioned GAN clusters the training images (uint8)."""
+        clusters.fit(self.modules["G"], to_float(images), seed=0)
 
     def _d_loss(self, real_logits, fake_logits):
         if self.cfg.gan_loss == "hinge":
@@ -112,7 +126,7 @@ class GANFamily:
     def _d_phase(self, batch, step, nets):
         """D on reals and fakes (see _d_logits), plus lazy R1 (_with_r1)."""
         G = self.modules["G"]  # no gradients, no DDP collectives
-        x, labels = batch["image"], self.labels(batch["label"])
+        x, labels = batch["image"], self.batch_labels(batch)
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         with torch.no_grad():
             fake = G(z, labels)
@@ -135,7 +149,7 @@ class GANFamily:
     def _both_phase(self, batch, step, nets):
         """The notebook's step: one batch of fakes, D on reals and fakes once, both losses from
         those logits; the loop backpropagates each loss into its own network only."""
-        x, labels = batch["image"], self.labels(batch["label"])
+        x, labels = batch["image"], self.batch_labels(batch)
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         fake = nets["G"](z, labels)
         real_logits, fake_logits = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
@@ -146,7 +160,7 @@ class GANFamily:
 
     def _g_phase(self, batch, step, nets):
         """G through the (frozen, already updated) D, outside D's DDP wrapper: D is not trained here."""
-        x, labels = batch["image"], self.labels(batch["label"])
+        x, labels = batch["image"], self.batch_labels(batch)
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         fake = nets["G"](z, labels)
         loss = self._g_loss(self.modules["D"](self._aug(fake), labels).float())
@@ -161,10 +175,13 @@ class VAEFamily:
     ema_target = "vae"
     labels = GANFamily.labels
 
+    def fit_data(self, images):
+        pass  # (the ex-post latent mixture is fitted when sampled: gen.sample.sampler_for)
+
     def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
-        n = num_classes if model_cfg.conditional else 0
+        n = self.num_labels = num_classes if model_cfg.conditional else 0
         if model_cfg.arch == "dcgan":
             raise ConfigError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
         if model_cfg.arch == "seed":

@@ -153,6 +153,10 @@ class Run:
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         for m in self.family.modules.values():
             m.to(memory_format=self.memory_format)
+        self.rng_devices = [acc.device] if acc.device.type == "cuda" else []
+        if cfg.model.self_condition:  # (a resumed run then loads the same clusters from its checkpoint)
+            with torch.random.fork_rng(devices=self.rng_devices):
+                self.family.fit_data(load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)[0])
         self.prepared = prepare(acc, self.family)
         # EMA and the loop's own state are checkpointed with the models
         if cfg.model.ema_decay > 0:
@@ -169,7 +173,6 @@ class Run:
             tracking.init(acc, cfg, self.config_dict, self.state.wandb_run_id, self.mode)
         # what is sampled, and the evaluator, are set up under their own RNG: the training stream
         # is the same with them or without
-        self.rng_devices = [acc.device] if acc.device.type == "cuda" else []
         if cfg.model.family == "vae" and self.main:
             with torch.random.fork_rng(devices=self.rng_devices):
                 self.fit_images = load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)
@@ -323,8 +326,7 @@ class Run:
         if not self.main:
             return
         n = self.cfg.log.num_samples
-        images = self.sampler_at(step).sample(n, seed=self.cfg.train.seed,
-                                              labels=torch.arange(n) % max(self.num_classes, 1))
+        images = self.sampler_at(step).sample(n, seed=self.cfg.train.seed)  # labels: Sampler.default_labels
         grid = save_grid(images, self.run_dir.grid(step))
         if self.mode:
             tracking.log_image(self.accelerator, "samples", grid, step)

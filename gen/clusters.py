@@ -1,0 +1,61 @@
+"""Self-conditioning (Liu et al. 2020, "Diverse Image Generation via Self-Conditioned GANs"): an
+unconditional GAN made conditional on clusters of the training images that it finds itself, with
+no labels. Before training, the images are projected on their first principal components (PCA of
+the pixels) and split into K clusters (k-means); each real batch is labeled with its images'
+clusters, G and D are conditioned on those labels, and samples draw clusters in proportion to
+their sizes. A GAN told which mode to produce covers the modes better than one that must find
+them from noise alone (mode collapse is the unconditional GAN's failure).
+
+The projection, the centroids and the cluster sizes are buffers of G, so checkpoints, exports,
+DDP (broadcast from rank 0) and EMA carry them with the weights.
+"""
+import math
+
+import torch
+
+PCA_DIMS = 64
+FIT_IMAGES = 10_000
+BUFFERS = ("clusters_mean", "clusters_components", "clusters_centroids", "clusters_freq")
+
+
+def attach(G, k, shape):
+    """Zero buffers for k clusters of images of `shape` on G (filled by fit, or by a load)."""
+    d = math.prod(shape)
+    p = min(PCA_DIMS, d)
+    for name, size in zip(BUFFERS, ((d,), (d, p), (k, p), (k,))):
+        G.register_buffer(name, torch.zeros(size))
+
+
+def fit(G, images, seed=0):
+    """Fill G's buffers from float images in [-1, 1] (N, C, H, W): PCA, then k-means++ (sklearn)."""
+    from sklearn.cluster import KMeans
+    x = images.flatten(1).double()
+    mean = x.mean(0)
+    p = G.clusters_components.shape[1]
+    torch.manual_seed(seed)  # pca_lowrank's random projection (the caller forks the RNG)
+    _, _, v = torch.pca_lowrank(x - mean, q=p, center=False, niter=4)
+    feats = ((x - mean) @ v).numpy()
+    k = G.clusters_centroids.shape[0]
+    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(feats)
+    freq = torch.bincount(torch.from_numpy(km.labels_).long(), minlength=k).double()
+    with torch.no_grad():
+        G.clusters_mean.copy_(mean.float())
+        G.clusters_components.copy_(v.float())
+        G.clusters_centroids.copy_(torch.from_numpy(km.cluster_centers_).float())
+        G.clusters_freq.copy_((freq / freq.sum()).float())
+    return freq
+
+
+@torch.no_grad()
+def assign(G, images):
+    """Each image's cluster: the nearest centroid of its projection."""
+    x = images.reshape(len(images), -1).float()
+    feats = (x - G.clusters_mean) @ G.clusters_components
+    return torch.cdist(feats, G.clusters_centroids).argmin(dim=1)
+
+
+def draw(freq, n):
+    """n cluster labels in proportion to the clusters' sizes, spread evenly (a low-discrepancy
+    sequence through the cumulative sizes: deterministic, every cluster in turn)."""
+    u = (torch.arange(n, dtype=torch.float64) * 0.6180339887498949 + 0.5) % 1.0
+    return torch.searchsorted(torch.cumsum(freq.double().cpu(), 0), u).clamp(max=len(freq) - 1)
