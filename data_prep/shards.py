@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from gen.errors import one_line
 from gen.shard_format import FORMAT, MANIFEST, atomic_write_json, sha256_file, write_index
 
 from . import PrepError
@@ -57,7 +58,7 @@ def encode_item(item, size, crop, grayscale):
             return png_bytes(img), None  # IDX digits: already 8-bit grayscale and square
         return png_bytes(normalise(img, size, crop, grayscale)), None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile, Image.DecompressionBombError) as e:
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(": ")
+        return None, one_line(e).strip(": ")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import from_dict
-from .errors import UserError
+from .errors import UserError, one_line
 from .families import build_family
 from .run_dir import RunDir
 from .shard_format import sha256_file
@@ -216,11 +216,6 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
-
-
-def one_line(e):
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _all_errors(accelerator, error):

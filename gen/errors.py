@@ -8,6 +8,11 @@ its traceback.
 """
 
 
+def one_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 class UserError(Exception):
     exit_code = 1
 
