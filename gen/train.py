@@ -34,7 +34,7 @@ from .augment import random_mirror
 from .config import to_dict, validate
 from .data import make_loader, to_float
 from .ema import EMA
-from .errors import TrainingFailed
+from .errors import TrainingFailed, one_line
 from .families import build_family
 from .features import load_real
 from .latent_prior import FIT_IMAGES
@@ -200,7 +200,7 @@ class Run:
         try:
             acc.load_state(self.last_ckpt)
         except Exception as e:  # a checkpoint written before checksums were recorded, damaged
-            raise checkpoint.CheckpointError(f"cannot load checkpoint {self.last_ckpt}: {checkpoint.one_line(e)}") from None
+            raise checkpoint.CheckpointError(f"cannot load checkpoint {self.last_ckpt}: {one_line(e)}") from None
         if self.main:
             log.info("resumed from %s at step %d", self.last_ckpt, self.state.step)
             self.run_dir.truncate_metrics(self.state.step)
