@@ -1,0 +1,70 @@
+"""Self-conditioning (gen/clusters.py): the clusters found on images made from known prototypes,
+the labels drawn in proportion to the clusters' sizes, and a self-conditioned run whose real
+batches are labeled by those clusters and whose samples draw them."""
+import numpy as np
+import torch
+from torch import nn
+
+from gen import clusters
+
+
+def prototype_images(counts, seed=0):
+    """Noisy copies of len(counts) random 1x28x28 prototypes in [-1, 1]; (images, which prototype)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(len(counts), 1, 28, 28, generator=g) * 2 - 1
+    which = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+    images = (protos[which] + 0.1 * torch.randn(len(which), 1, 28, 28, generator=g)).clamp(-1, 1)
+    return images, which
+
+
+def test_clusters_recover_the_prototypes_and_their_shares():
+    counts = [300, 200, 100, 50]
+    images, which = prototype_images(counts)
+    G = nn.Module()
+    clusters.attach(G, len(counts), (1, 28, 28))
+    clusters.fit(G, images, seed=0)
+    found = clusters.assign(G, images)
+    # one cluster per prototype: the same partition up to the clusters' names
+    pairs = set(zip(found.tolist(), which.tolist()))
+    assert len(pairs) == len(counts) and len({f for f, _ in pairs}) == len(counts)
+    by_cluster = {f: w for f, w in pairs}
+    want = torch.tensor([counts[by_cluster[c]] for c in range(len(counts))], dtype=torch.float) / sum(counts)
+    assert torch.allclose(G.clusters_freq, want, atol=1e-6)
+    # assign is the nearest centroid of the projection, written out in numpy
+    x = images.flatten(1).numpy().astype(np.float64)
+    feats = (x - G.clusters_mean.numpy()) @ G.clusters_components.numpy()
+    d = ((feats[:, None, :] - G.clusters_centroids.numpy()[None]) ** 2).sum(-1)
+    assert (d.argmin(1) == found.numpy()).all()
+
+
+def test_drawn_labels_follow_the_cluster_sizes():
+    freq = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    for n in (20, 64, 1000, 2000):
+        labels = clusters.draw(freq, n)
+        share = torch.bincount(labels, minlength=4).float()
+        assert (share - freq * n).abs().max() <= 1.5, (n, share)  # within a label or so of n * freq
+    assert len(set(clusters.draw(freq, 8).tolist())) == 4  # spread: every cluster early, not in blocks
+
+
+def test_self_conditioned_run_labels_batches_by_cluster_and_samples_them(mnist_shards, tmp_path):
+    from gen import load_generator
+    from gen.config import parse
+    from gen.data import to_float
+    from gen.features import load_real
+    from gen.train import train
+    cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(tmp_path / "r"),
+                 "--model.width", "8", "--train.steps", "2", "--log.wandb", "off", "--data.workers", "0",
+                 "--model.self_condition", "6"])
+    result = train(cfg)
+    G = result.modules["G"]
+    assert float(G.clusters_freq.sum()) > 0.999 and len(G.clusters_freq) == 6
+    x, _ = load_real(str(mnist_shards), "train", limit=512, seed=0)
+    labels = clusters.assign(G, to_float(x))
+    assert len(set(labels.tolist())) == 6  # every cluster holds real digits
+    g = load_generator(tmp_path / "r")  # the checkpoint carries the clusters
+    assert torch.equal(g.module.clusters_centroids, G.clusters_centroids.cpu())
+    drawn = g.default_labels(600)
+    assert (torch.bincount(drawn, minlength=6).float() - 600 * g.module.clusters_freq).abs().max() <= 1.5
+    # the label reaches G: the same latents with other clusters give other images
+    z = g.latents(16, seed=0)
+    assert not torch.equal(g.generate(z, torch.zeros(16, dtype=torch.long)), g.generate(z, torch.ones(16, dtype=torch.long)))
