@@ -146,9 +146,9 @@ def read_meta(path):
 def check_compatible(meta, config_dict, shape, path):
     """One-line error when the checkpoint's model or data shape differs from this run's. `path`
     is where it was read from (meta's own path is where it was written: the folder may have moved)."""
-    saved_model, model = meta["config"]["model"], config_dict["model"]
-    diffs = [f"model.{k}={saved_model.get(k)!r} (this run: {v!r})" for k, v in model.items()
-             if k in saved_model and _norm(saved_model.get(k)) != _norm(v)]
+    saved_model, model = from_dict(meta["config"]).model, config_dict["model"]  # keys added since: their defaults
+    diffs = [f"model.{k}={getattr(saved_model, k)!r} (this run: {v!r})" for k, v in model.items()
+             if _norm(getattr(saved_model, k)) != _norm(v)]
     if list(meta.get("shape", shape)) != list(shape):
         diffs.append(f"image shape {meta['shape']} (this run: {list(shape)})")
     if diffs:

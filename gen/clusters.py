@@ -18,6 +18,12 @@ FIT_IMAGES = 10_000
 BUFFERS = ("clusters_mean", "clusters_components", "clusters_centroids", "clusters_freq")
 
 
+def count(model_cfg):
+    """The clusters a model is conditioned on: --model.self_condition for an unconditional GAN, else
+    0 (a conditional model has the shards' labels)."""
+    return 0 if model_cfg.conditional or model_cfg.family != "gan" else model_cfg.self_condition
+
+
 def attach(G, k, shape):
     """Zero buffers for k clusters of images of `shape` on G (filled by fit, or by a load)."""
     d = math.prod(shape)

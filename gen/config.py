@@ -35,8 +35,8 @@ class ModelConfig:
     width: int = 64                 # base channel count of the deep nets
     conditional: bool = False       # class-conditional on the shards' labels
     # gan
-    # self-conditioned on K clusters of the training images (PCA + k-means, gen/clusters.py; Liu et
-    # al. 2020): no labels used, G told which mode to draw; 0 = off
+    # unconditional GAN: self-conditioned on K clusters of the training images (PCA + k-means,
+    # gen/clusters.py; Liu et al. 2020), no labels used; ignored with --model.conditional; 0 = off
     self_condition: int = 0
     gan_loss: Literal["hinge", "nonsat"] = "hinge"
     spectral_norm: bool = True      # in D
@@ -221,8 +221,7 @@ def validate(cfg):
         (e.n >= 2, f"--eval.n {e.n}: must be at least 2"),
         (cfg.log.num_samples >= 1, f"--log.num_samples {cfg.log.num_samples}: must be at least 1"),
         (m.self_condition == 0 or m.self_condition >= 2, f"--model.self_condition {m.self_condition}: 0 (off) or at least 2 clusters"),
-        (m.self_condition == 0 or (m.family == "gan" and not m.conditional),
-         "--model.self_condition is for an unconditional GAN (it replaces the labels --model.conditional uses)"),
+        (m.self_condition == 0 or m.family == "gan", "--model.self_condition is for GANs"),
     ]
     for name in ("log_every", "sample_every", "ckpt_every", "check_every"):
         value = getattr(t, name)

@@ -49,7 +49,7 @@ class GANFamily:
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         check_policy(model_cfg.diffaug)
-        n = self.num_labels = num_classes if model_cfg.conditional else model_cfg.self_condition
+        n = self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
         if model_cfg.arch == "seed":
             if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
                 raise ConfigError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
@@ -64,8 +64,8 @@ class GANFamily:
             G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
             D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm,
                                                                model_cfg.d_batchnorm)
-        if model_cfg.self_condition:
-            clusters.attach(G, model_cfg.self_condition, shape)
+        if clusters.count(model_cfg):
+            clusters.attach(G, clusters.count(model_cfg), shape)
         self.modules = {"G": G} if sampling_only else {"G": G, "D": D}
         self.optimizers, self.base_lr = {}, {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
         if sampling_only:
@@ -85,7 +85,7 @@ class GANFamily:
     def batch_labels(self, batch):
         """A real batch's labels as the modules see them: the shards' classes, the images' own
         clusters (self-conditioned), or None."""
-        if self.cfg.self_condition:
+        if clusters.count(self.cfg):
             return clusters.assign(self.modules["G"], batch["image"])
         return self.labels(batch["label"])
 

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
-from . import checkpoint, tracking
+from . import checkpoint, clusters, tracking
 from .augment import random_mirror
 from .config import to_dict, validate
 from .data import make_loader, to_float
@@ -154,7 +154,7 @@ class Run:
         for m in self.family.modules.values():
             m.to(memory_format=self.memory_format)
         self.rng_devices = [acc.device] if acc.device.type == "cuda" else []
-        if cfg.model.self_condition:  # (a resumed run then loads the same clusters from its checkpoint)
+        if clusters.count(cfg.model):  # (a resumed run then loads the same clusters from its checkpoint)
             with torch.random.fork_rng(devices=self.rng_devices):
                 self.family.fit_data(load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)[0])
         self.prepared = prepare(acc, self.family)
