@@ -151,9 +151,13 @@ PRESETS = {
     # (docs/quality.md, 775k conditional images, width 16): DCGAN's D (no 3x3 conv before the
     # stride-2 convs: FID 0.59 at 200k vs 0.45; without the last 3x3 conv too: 2.71), batch 128,
     # NHWC, and the notebook's simultaneous step, which beat alternating steps over 775k images
-    # (FID 0.37 vs 1.56; alternating without R1 degraded to 4.82). R1 every 16 steps (every 4 cost 20 %)
+    # (FID 0.37 vs 1.56; alternating without R1 degraded to 4.82). R1 every 16 steps (every 4 cost 20 %).
+    # Unconditional, self-conditioned on 20 clusters of the images (no labels): unconditional MNIST at
+    # 200k images FID 4.1 (4.07-4.28 over 3 sample seeds), legibility 0.72, against 9.3 (9.15-9.39) /
+    # 0.50 without and 11.3 / 0.55 with 50 clusters (D then wins: too few images per cluster)
     "gan": _preset(model=dict(family="gan", arch="dcgan", latent_dim=128, gan_loss="hinge", d_convs_per_level=1,
-                              gan_update="simultaneous", r1_gamma=0.1, r1_every=16, diffaug=(), ema_decay=0.999),
+                              gan_update="simultaneous", r1_gamma=0.1, r1_every=16, diffaug=(), ema_decay=0.999,
+                              self_condition=20),
                    optim=dict(lr=5e-4, lr_d=1e-3, betas=(0.0, 0.99)),
                    train=dict(batch_size=128, channels_last=True)),
     # deeper conv VAE, learned-variance Gaussian likelihood (sharper than a fixed sigma), KL warm-up.
