@@ -33,21 +33,27 @@ def attach(G, k, shape):
 
 
 def fit(G, images, seed=0):
-    """Fill G's buffers from float images in [-1, 1] (N, C, H, W): PCA, then k-means++ (sklearn)."""
+    """Fill G's buffers from float images in [-1, 1] (N, C, H, W): PCA, then k-means++ (sklearn).
+    Fewer distinct images than clusters (a toy data set): the spare clusters copy the first
+    centroid and get no share, so they are never assigned nor drawn."""
     from sklearn.cluster import KMeans
     x = images.flatten(1).double()
     mean = x.mean(0)
-    p = G.clusters_components.shape[1]
+    (d, p), k = G.clusters_components.shape, G.clusters_centroids.shape[0]
+    q = min(p, len(x))
     torch.manual_seed(seed)  # pca_lowrank's random projection (the caller forks the RNG)
-    _, _, v = torch.pca_lowrank(x - mean, q=p, center=False, niter=4)
+    _, _, v = torch.pca_lowrank(x - mean, q=q, center=False, niter=4)
+    v = torch.cat([v, v.new_zeros(d, p - q)], dim=1)
     feats = ((x - mean) @ v).numpy()
-    k = G.clusters_centroids.shape[0]
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(feats)
+    found = min(k, len(torch.unique(x, dim=0)))
+    km = KMeans(n_clusters=found, n_init=3, random_state=seed).fit(feats)
+    centroids = torch.from_numpy(km.cluster_centers_)
+    centroids = torch.cat([centroids, centroids[:1].expand(k - found, -1)])
     freq = torch.bincount(torch.from_numpy(km.labels_).long(), minlength=k).double()
     with torch.no_grad():
         G.clusters_mean.copy_(mean.float())
         G.clusters_components.copy_(v.float())
-        G.clusters_centroids.copy_(torch.from_numpy(km.cluster_centers_).float())
+        G.clusters_centroids.copy_(centroids.float())
         G.clusters_freq.copy_((freq / freq.sum()).float())
     return freq
 
@@ -64,4 +70,6 @@ def draw(freq, n):
     """n cluster labels in proportion to the clusters' sizes, spread evenly (a low-discrepancy
     sequence through the cumulative sizes: deterministic, every cluster in turn)."""
     u = (torch.arange(n, dtype=torch.float64) * 0.6180339887498949 + 0.5) % 1.0
-    return torch.searchsorted(torch.cumsum(freq.double().cpu(), 0), u).clamp(max=len(freq) - 1)
+    freq = freq.double().cpu()
+    cumulative = torch.cumsum(freq, 0) / freq.sum()
+    return torch.searchsorted(cumulative, u, right=True).clamp(max=int(freq.nonzero().max()))
