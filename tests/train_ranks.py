@@ -1,5 +1,5 @@
 """Run under 2 DDP processes: train, then rank 0 records whether every rank holds the same
-weights, buffers and EMA weights, tensor for tensor (and which precision and world size it ran
+weights, buffers (BatchNorm's running statistics aside) and EMA weights, tensor for tensor (and which precision and world size it ran
 with), whether training moved them from the initial weights (rebuilt here from the seed), and
 which threads outlive the process group (gloo threads alive at interpreter exit can abort it)."""
 import json
@@ -18,7 +18,10 @@ out, args = sys.argv[1], sys.argv[2:]
 cfg = parse(args)
 result = train(cfg, keep_process_group=True)
 modules = {**result.modules, **({"ema": result.ema.module} if result.ema else {})}
-flat = torch.cat([t.detach().float().flatten() for m in modules.values() for t in m.state_dict().values()])
+# every weight and buffer but BatchNorm's running statistics, which each rank updates from its own
+# batches (DDP broadcasts rank 0's before each forward; rank 0's are the ones saved)
+flat = torch.cat([t.detach().float().flatten() for m in modules.values() for k, t in m.state_dict().items()
+                  if "running_" not in k and "num_batches_tracked" not in k])
 gathered = [torch.empty_like(flat) for _ in range(torch.distributed.get_world_size())]
 torch.distributed.all_gather(gathered, flat)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
