@@ -72,6 +72,14 @@ class BareStep:
         if cfg.train.compile:
             self.losses = torch.compile(self.losses)
 
+    def labels(self, x):
+        """What the loop gives the nets: the images' clusters (self-conditioned), class labels
+        (conditional: drawn here), or None."""
+        from gen import clusters
+        if clusters.count(self.cfg.model):
+            return clusters.assign(self.nets["G"], x)
+        return torch.randint(self.family.num_labels, (len(x),), device=x.device) if self.family.num_labels else None
+
     def batch(self, n):
         idx = torch.randint(len(self.images), (n,), device=self.device)
         x = self.images[idx].float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
@@ -83,19 +91,20 @@ class BareStep:
         aug = lambda t: diff_augment(t, m.diffaug)  # noqa: E731
         z = torch.randn(x.size(0), m.latent_dim, device=x.device)
         hinge = m.gan_loss == "hinge"
-        fake = G(z)
+        y = self.labels(x)
+        fake = G(z, y)
         if m.d_batchnorm:
-            real_logits, fake_logits = D(aug(x)), D(aug(fake.detach() if m.gan_update == "alternating" else fake))
+            real_logits, fake_logits = D(aug(x), y), D(aug(fake.detach() if m.gan_update == "alternating" else fake), y)
         else:
-            real_logits, fake_logits = D(aug(torch.cat([x, fake]))).chunk(2)
+            real_logits, fake_logits = D(aug(torch.cat([x, fake])), None if y is None else torch.cat([y, y])).chunk(2)
         loss_d = (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()) if hinge else \
             (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
         if m.r1_gamma > 0 and step % m.r1_every == 0:
             real = aug(x).detach().requires_grad_(True)
-            grad, = torch.autograd.grad(D(real).float().sum(), real, create_graph=True)
+            grad, = torch.autograd.grad(D(real, y).float().sum(), real, create_graph=True)
             loss_d = loss_d + 0.5 * m.r1_gamma * m.r1_every * grad.pow(2).sum(dim=[1, 2, 3]).mean()
         if m.gan_update == "alternating":  # G's loss through D again (D updated first in the loop; same cost)
-            fake_logits = D(aug(fake))
+            fake_logits = D(aug(fake), y)
         loss_g = -fake_logits.mean() if hinge else F.softplus(-fake_logits).mean()
         return {"D": loss_d, "G": loss_g}
 
@@ -142,8 +151,9 @@ def flops_per_image(bare, shape):
         for name, net in bare.nets.items():
             x = torch.randn(n, cfg.model.latent_dim, device=bare.device) if name == "G" else \
                 torch.randn(n, *shape, device=bare.device)
+            labels = [torch.zeros(n, dtype=torch.long, device=bare.device)] if bare.family.num_labels else []
             with FlopCounterMode(display=False) as counter:
-                net(x)
+                net(x, *labels) if name != "vae" else net(x)
             out[f"{name}_forward"] = counter.get_total_flops() / n
     with FlopCounterMode(display=False) as counter:
         bare()

@@ -27,9 +27,10 @@ def batch_norms(module):
 
 @torch.no_grad()
 def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=BATCHES, batch_size=BATCH_SIZE,
-                          seed=0, device=None):
+                          seed=0, device=None, label_weights=None):
     """Set `module`'s BatchNorm running statistics to the average of its own per-batch statistics
-    over `batches` batches of N(0, I) latents (and uniform labels), then leave it in eval mode.
+    over `batches` batches of N(0, I) latents (and labels drawn as sampling draws them: uniform, or
+    by `label_weights`, a self-conditioned G's cluster sizes), then leave it in eval mode.
     `forward(module, z, labels)` runs the generator. No-op (but eval mode) without BatchNorm.
     Only the BatchNorm layers run in train mode; the caller's RNG streams are untouched."""
     norms = batch_norms(module)
@@ -46,7 +47,8 @@ def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=BA
     try:
         for _ in range(batches):
             z = torch.randn(batch_size, latent_dim, generator=rng)
-            labels = torch.randint(max(num_classes, 1), (batch_size,), generator=rng)
+            labels = (torch.multinomial(label_weights.float().cpu(), batch_size, replacement=True, generator=rng)
+                      if label_weights is not None else torch.randint(max(num_classes, 1), (batch_size,), generator=rng))
             forward(module, z.to(device), labels.to(device))
     finally:
         for m, momentum in zip(norms, momenta):

@@ -66,6 +66,12 @@ def assign(G, images):
     return torch.cdist(feats, G.clusters_centroids).argmin(dim=1)
 
 
+def sizes(G):
+    """A self-conditioned G's cluster shares, or None (not self-conditioned, or not fitted yet)."""
+    freq = getattr(G, "clusters_freq", None)
+    return freq if freq is not None and float(freq.sum()) > 0 else None
+
+
 def draw(freq, n):
     """n cluster labels in proportion to the clusters' sizes, spread evenly (a low-discrepancy
     sequence through the cumulative sizes: deterministic, every cluster in turn)."""

@@ -75,7 +75,7 @@ class Sampler:
 
     def default_labels(self, n):
         """Classes 0, 1, ... in turn; a self-conditioned GAN's clusters in proportion to their sizes."""
-        if hasattr(self.module, "clusters_freq"):
+        if clusters.sizes(self.module) is not None:
             return clusters.draw(self.module.clusters_freq, n)
         return torch.arange(n) % max(self.num_classes, 1)
 
@@ -130,7 +130,8 @@ def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0
     grids, --eval.every, checkpoints (sampling.safetensors, latent_prior.safetensors) and so
     every later load_generator, jobs.sample/evaluate/export, the report and the bench sample this."""
     module = copy.deepcopy(module).to(device)
-    recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, seed=seed, device=device)
+    recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, seed=seed, device=device,
+                          label_weights=clusters.sizes(module))
     g = Sampler(family, module, cfg, dict(meta, batch_stats="recomputed"), device)
     if g.is_vae and fit_images is not None:
         g.prior = latent_prior.fit_on(g, *fit_images, components=components, seed=seed)
@@ -146,7 +147,8 @@ def load_generator(path, device="cpu", prior="auto", data=None):
     prior="normal": a VAE samples N(0, I) instead."""
     family, module, cfg, meta, saved_prior = load_sampling_module(path, device)
     if meta.get("batch_stats") != "recomputed" and batch_norms(module):
-        recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, device=device)
+        recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, device=device,
+                              label_weights=clusters.sizes(module))
     g = Sampler(family, module, cfg, meta, device)
     if g.is_vae and prior == "auto":
         other_data = data is not None and Path(data).resolve() != Path(cfg.data.path).resolve()

@@ -33,7 +33,7 @@ args = p.parse_args()
 K, B = args.k, args.b
 cfg = parse(["--preset", args.preset, "--data", args.data, "--model.width", "8", "--model.diffaug",
              "--model.r1_gamma", "1", "--model.r1_every", "1", "--model.kl_warmup_steps", "0",
-             "--model.gan_update", args.gan_update])
+             "--model.gan_update", args.gan_update, "--model.self_condition", "0"])  # the references' labels: none
 simultaneous = cfg.model.family == "gan" and cfg.model.gan_update == "simultaneous"
 acc = Accelerator(cpu=True)
 world, rank = acc.num_processes, acc.process_index

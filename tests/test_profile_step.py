@@ -38,8 +38,9 @@ def test_profile_step_runs_tiny_on_a_cpu(tmp_path):
     from gen.families import build_family
     cfg = parse(["--preset", "gan", "--model.width", "8"])
     family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
-    g = multiply_adds_x2(family.modules["G"], torch.randn(4, cfg.model.latent_dim))
-    d = multiply_adds_x2(family.modules["D"], torch.randn(4, 1, 28, 28))
+    clusters = torch.zeros(4, dtype=torch.long)  # the preset is self-conditioned: G and D take a label
+    g = multiply_adds_x2(family.modules["G"], torch.randn(4, cfg.model.latent_dim), clusters)
+    d = multiply_adds_x2(family.modules["D"], torch.randn(4, 1, 28, 28), clusters)
     assert abs(figures["flops_per_image"]["G_forward"] - g) / g < 1e-6
     assert abs(figures["flops_per_image"]["D_forward"] - d) / d < 1e-6
     # a whole step: G forward, D on reals and fakes, both backwards (~2x forward) and more

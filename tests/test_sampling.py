@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from helpers import run, train_cmd
 
 
-def activation_stats(module, forward, latent_dim, num_classes, n=8192, seed=123):
-    """Per BatchNorm layer: (mean, var) of its inputs over (N, H, W), the module in eval mode."""
+def activation_stats(module, forward, latent_dim, num_classes, n=8192, seed=123, label_weights=None):
+    """Per BatchNorm layer: (mean, var) of its inputs over (N, H, W), the module in eval mode; labels
+    uniform, or drawn by `label_weights` (a self-conditioned G samples its clusters by size)."""
     from gen.batch_stats import batch_norms
     seen = {}
     hooks = [m.register_forward_hook(lambda m, inp, out, i=i: seen.setdefault(i, []).append(inp[0].detach()))
@@ -21,7 +22,9 @@ def activation_stats(module, forward, latent_dim, num_classes, n=8192, seed=123)
     module.eval()
     with torch.no_grad():
         for _ in range(n // 1024):
-            forward(module, torch.randn(1024, latent_dim, generator=g), torch.randint(max(num_classes, 1), (1024,), generator=g))
+            labels = (torch.multinomial(label_weights, 1024, replacement=True, generator=g) if label_weights is not None
+                      else torch.randint(max(num_classes, 1), (1024,), generator=g))
+            forward(module, torch.randn(1024, latent_dim, generator=g), labels)
     for h in hooks:
         h.remove()
     out = []
@@ -31,12 +34,13 @@ def activation_stats(module, forward, latent_dim, num_classes, n=8192, seed=123)
     return out
 
 
-def stats_error(module, forward, latent_dim, num_classes):
+def stats_error(module, forward, latent_dim, num_classes, label_weights=None):
     """Largest gap between a layer's running statistics and its inputs' own, in units of the
     inputs' standard deviation (mean) and relative (variance)."""
     from gen.batch_stats import batch_norms
     worst = 0.0
-    for m, (mean, var) in zip(batch_norms(module), activation_stats(module, forward, latent_dim, num_classes)):
+    for m, (mean, var) in zip(batch_norms(module), activation_stats(module, forward, latent_dim, num_classes,
+                                                                    label_weights=label_weights)):
         worst = max(worst, float(((m.running_mean.double() - mean).abs() / var.sqrt()).max()),
                     float(((m.running_var.double() - var).abs() / var).max()))
     return worst
@@ -58,7 +62,7 @@ def test_sampler_statistics_are_those_of_its_own_activations(preset, extra):
         if isinstance(m, torch.nn.BatchNorm2d):  # statistics that belong to other weights
             m.running_mean.normal_(0, 3)
             m.running_var.uniform_(0.1, 10)
-    n = 10 if cfg.model.conditional else 0
+    n = family.num_labels  # 10 classes, 20 (unfitted, so uniform) clusters of the self-conditioned preset, or none
     assert stats_error(G, family.generate, cfg.model.latent_dim, n) > 0.5  # the check can fail
     g = sampler_for(family, G, cfg, {"shape": list(shape), "num_classes": n})
     assert stats_error(g.module, family.generate, cfg.model.latent_dim, n) < 0.05
@@ -78,7 +82,9 @@ def test_checkpoint_and_export_hold_the_sampled_statistics(mnist_shards, tmp_pat
     ckpt = run_dir / "checkpoints/checkpoint-0000040"
     g = gen.load_generator(ckpt)
     latent, forward = g.latent_dim, g.family.generate
-    assert stats_error(g.module, forward, latent, 0) < 0.05
+    # the preset is self-conditioned: its samples draw the image clusters by their sizes
+    k, sizes = g.family.num_labels, g.module.clusters_freq.clone()
+    assert stats_error(g.module, forward, latent, k, sizes) < 0.05
     saved = load_file(ckpt / "sampling.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in g.module.state_dict().items())  # nothing recomputed on load
     live = load_file(ckpt / "model.safetensors")  # the live G's running statistics
@@ -86,7 +92,7 @@ def test_checkpoint_and_export_hold_the_sampled_statistics(mnist_shards, tmp_pat
         for k, v in g.module.state_dict().items():
             if "running" in k:
                 v.copy_(live[k])
-    assert stats_error(g.module, forward, latent, 0) > 0.2
+    assert stats_error(g.module, forward, latent, k, sizes) > 0.2
     run(["-m", "jobs.export", str(run_dir), "--out", str(tmp_path / "export")], check=True)
     exported = load_file(tmp_path / "export/generator.safetensors")
     assert all(torch.equal(saved[k], exported[k]) for k in saved)
@@ -100,4 +106,4 @@ def test_checkpoint_and_export_hold_the_sampled_statistics(mnist_shards, tmp_pat
         meta.pop(key)
     (ckpt / "meta.json").write_text(json.dumps(meta))
     old = gen.load_generator(ckpt)
-    assert len(batch_norms(old.module)) > 0 and stats_error(old.module, forward, latent, 0) < 0.05
+    assert len(batch_norms(old.module)) > 0 and stats_error(old.module, forward, latent, k, sizes) < 0.05

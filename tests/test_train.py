@@ -421,7 +421,8 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     from gen.families import build_family
     from gen.train import prepare, run_phases
     x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
-    cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--model.arch", "dcgan", "--model.d-batchnorm",
+    cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--model.self_condition", "0", "--model.arch", "dcgan",
+                 "--model.d-batchnorm",
                  "--model.no-spectral-norm", "--model.gan_loss", "nonsat", "--model.r1_gamma", "0", "--model.width", "8"])
     torch.manual_seed(0)
     family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
