@@ -4,7 +4,7 @@ names). random_mirror: the data set's own left-right mirror images (--data.hflip
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import UserError
 
 
 def _brightness(x):
@@ -58,7 +58,7 @@ AUGMENT_FNS = {
 def check_policy(policy):
     unknown = [p for p in policy if p not in AUGMENT_FNS]
     if unknown:
-        raise ConfigError(f"unknown DiffAugment op(s) {unknown}; known: {sorted(AUGMENT_FNS)}")
+        raise UserError(f"unknown DiffAugment op(s) {unknown}; known: {sorted(AUGMENT_FNS)}")
 
 
 def diff_augment(x, policy):

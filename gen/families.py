@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import clusters, nets
 from .data import to_float
-from .errors import ConfigError
+from .errors import UserError
 from .augment import check_policy, diff_augment
 
 
@@ -52,7 +52,7 @@ class GANFamily:
         n = self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
         if model_cfg.arch == "seed":
             if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
-                raise ConfigError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
+                raise UserError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
                                  f"{size}px (use --preset gan)")
             G = nets.SeedGenerator(model_cfg.latent_dim, c, n, size)
             D = None if sampling_only else nets.SeedDiscriminator(c, n, size)
@@ -183,10 +183,10 @@ class VAEFamily:
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         n = self.num_labels = num_classes if model_cfg.conditional else 0
         if model_cfg.arch == "dcgan":
-            raise ConfigError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
+            raise UserError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
         if model_cfg.arch == "seed":
             if size != 28:
-                raise ConfigError(f"the seed VAE is the 28x28 tutorial model; this data is {size}px (use --preset vae)")
+                raise UserError(f"the seed VAE is the 28x28 tutorial model; this data is {size}px (use --preset vae)")
             enc, dec = nets.SeedEncoder(model_cfg.latent_dim, c, n, size), nets.SeedDecoder(model_cfg.latent_dim, c, n)
         else:
             enc = nets.Encoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
@@ -255,6 +255,6 @@ def build_family(model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
     """shape = (channels, size, size); num_classes from the shards' manifest (0: unlabeled).
     sampling_only: just the sampled module (family.ema_target), no D, no optimizers."""
     if model_cfg.conditional and not num_classes:
-        raise ConfigError("--model.conditional needs labeled shards; this data set has no classes")
+        raise UserError("--model.conditional needs labeled shards; this data set has no classes")
     cls = {"gan": GANFamily, "vae": VAEFamily}[model_cfg.family]
     return cls(model_cfg, optim_cfg, shape, num_classes, sampling_only)

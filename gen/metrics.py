@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import features as feats
-from .errors import ConfigError
+from .errors import UserError
 
 log = logging.getLogger("gen.metrics")
 LEGIBLE_P = 0.9
@@ -122,7 +122,7 @@ class Evaluator:
             self.space = (f"domain {kind} ({self.domain.num_features}-d, key {self.domain_info['key']}"
                           + (f", held-out accuracy {acc:.4f}" if acc is not None else "") + ")")
         else:
-            raise ConfigError(f"unknown feature space {space!r} (domain or inception)")
+            raise UserError(f"unknown feature space {space!r} (domain or inception)")
         real, _ = feats.load_real(shards, split, limit=2 * n, seed=seed)
         half = len(real) // 2
         self.n = min(n, half)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
-from .errors import ConfigError
+from .errors import UserError
 
 
 # ----------------------------------------------------------------------------- seed ports (28x28x1)
@@ -115,7 +115,7 @@ def pyramid(size):
     while s > 7 and s % 2 == 0:
         s //= 2
     if s not in (4, 7) and s > 7:
-        raise ConfigError(f"image size {size} is not 7 or 4 times a power of two (28, 32, 64, 128, ...)")
+        raise UserError(f"image size {size} is not 7 or 4 times a power of two (28, 32, 64, 128, ...)")
     return s, int(math.log2(size // s))
 
 
