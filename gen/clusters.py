@@ -14,7 +14,6 @@ import math
 import torch
 
 PCA_DIMS = 64
-FIT_IMAGES = 10_000
 BUFFERS = ("clusters_mean", "clusters_components", "clusters_centroids", "clusters_freq")
 
 

@@ -175,9 +175,6 @@ class VAEFamily:
     ema_target = "vae"
     labels = GANFamily.labels
 
-    def fit_data(self, images):
-        pass  # (the ex-post latent mixture is fitted when sampled: gen.sample.sampler_for)
-
     def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
