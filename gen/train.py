@@ -154,7 +154,8 @@ class Run:
         for m in self.family.modules.values():
             m.to(memory_format=self.memory_format)
         self.rng_devices = [acc.device] if acc.device.type == "cuda" else []
-        if clusters.count(cfg.model):  # (a resumed run then loads the same clusters from its checkpoint)
+        self.last_ckpt = self.find_checkpoint()
+        if clusters.count(cfg.model) and not self.last_ckpt:  # a resumed run loads its clusters with its weights
             with torch.random.fork_rng(devices=self.rng_devices):
                 self.family.fit_data(load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)[0])
         self.prepared = prepare(acc, self.family)
@@ -187,12 +188,16 @@ class Run:
         self.check_sums, self.check_steps, self.diverged_checks = {}, 0, 0  # losses since the last check
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=acc.device)  # 0: all finite so far
 
-    def resume(self):
-        """The newest complete checkpoint (chosen once, on the main process), if any."""
-        acc = self.accelerator
+    def find_checkpoint(self):
+        """The checkpoint to resume from: the newest complete one (chosen once, on the main
+        process) or the one --train.resume names; None for a fresh run."""
         found = [checkpoint.resolve_resume(self.run_dir.path, self.cfg.train.resume) if self.main else None]
         broadcast_object_list(found)
-        self.last_ckpt = found[0]
+        return found[0]
+
+    def resume(self):
+        """Load the checkpoint find_checkpoint chose, if any."""
+        acc = self.accelerator
         if not self.last_ckpt:
             return
         meta = checkpoint.read_meta(self.last_ckpt)

@@ -1,6 +1,8 @@
 """Self-conditioning (gen/clusters.py): the clusters found on images made from known prototypes,
 the labels drawn in proportion to the clusters' sizes, and a self-conditioned run whose real
 batches are labeled by those clusters and whose samples draw them."""
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -46,7 +48,7 @@ def test_drawn_labels_follow_the_cluster_sizes():
     assert len(set(clusters.draw(freq, 8).tolist())) == 4  # spread: every cluster early, not in blocks
 
 
-def test_self_conditioned_run_labels_batches_by_cluster_and_samples_them(mnist_shards, tmp_path):
+def test_self_conditioned_run_labels_batches_by_cluster_and_samples_them(mnist_shards, tmp_path, monkeypatch):
     from gen import load_generator
     from gen.config import parse
     from gen.data import to_float
@@ -68,3 +70,9 @@ def test_self_conditioned_run_labels_batches_by_cluster_and_samples_them(mnist_s
     # the label reaches G: the same latents with other clusters give other images
     z = g.latents(16, seed=0)
     assert not torch.equal(g.generate(z, torch.zeros(16, dtype=torch.long)), g.generate(z, torch.ones(16, dtype=torch.long)))
+    # resumed, the run takes its clusters from the checkpoint and fits none (the fit is the start's work)
+    fits = []
+    monkeypatch.setattr(clusters, "fit", lambda *a, **k: fits.append(1))
+    resumed = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)))
+    assert resumed.step == 4 and fits == []
+    assert torch.equal(resumed.modules["G"].clusters_centroids, G.clusters_centroids)
