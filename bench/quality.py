@@ -47,8 +47,7 @@ COND = ["--model.conditional"]  # class-conditional on the shards' labels (what 
 # the tutorial's likelihood (Bernoulli on binarised pixels): test ELBOs in the same nats as seed-vae's
 BERNOULLI = ["--model.likelihood", "bernoulli", "--model.binarize"]
 PLAIN = ["--model.self_condition", "0"]  # unconditional without the preset's 20 image clusters
-VARIANTS = {"--model.conditional": "conditional", "--model.binarize": "Bernoulli",
-            "--model.self_condition": "without self-conditioning"}  # row label suffixes
+VARIANTS = {"--model.conditional": "conditional", "--model.binarize": "Bernoulli"}  # row label suffixes
 PAIRS = {
     "mnist": [("seed-gan", [], "gan", []), ("seed-gan", [], "gan", PLAIN), ("seed-gan", [], "gan", COND),
               ("seed-vae", [], "vae", []),
@@ -62,7 +61,11 @@ TINY = ["--model.width", "8", "--train.batch_size", "16"]
 
 
 def label_of(preset, extra):
-    return " ".join([preset] + [suffix for flag, suffix in VARIANTS.items() if flag in extra])
+    words = [preset] + [suffix for flag, suffix in VARIANTS.items() if flag in extra]
+    if "--model.self_condition" in extra:  # the last value given wins, as on the command line
+        k = int(extra[len(extra) - 1 - extra[::-1].index("--model.self_condition") + 1])
+        words.append("without self-conditioning" if k == 0 else f"self-conditioned on {k} clusters")
+    return " ".join(words)
 
 
 def mnist_shards(out, source=None):
