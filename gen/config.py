@@ -156,7 +156,7 @@ PRESETS = {
     # 200k images FID 4.1 (4.07-4.28 over 3 sample seeds), legibility 0.72, against 9.3 (9.15-9.39) /
     # 0.50 without and 11.3 / 0.55 with 50 clusters (D then wins: too few images per cluster)
     # At the notebook's 775k images: FID 0.92 / legibility 0.86 against 2.92 / 0.73 without (notebook 16.6 / 0.40)
-    # 10 clusters: better at 200k (3.3), worse at 775k (in-training 1.18 vs 20's 0.77)
+    # 10 clusters: better at 200k (3.3), not better at 775k (1.00 vs 20's 0.92, seed ranges overlapping)
     "gan": _preset(model=dict(family="gan", arch="dcgan", latent_dim=128, gan_loss="hinge", d_convs_per_level=1,
                               gan_update="simultaneous", r1_gamma=0.1, r1_every=16, diffaug=(), ema_decay=0.999,
                               self_condition=20),
