@@ -62,8 +62,9 @@ TINY = ["--model.width", "8", "--train.batch_size", "16"]
 
 def label_of(preset, extra):
     words = [preset] + [suffix for flag, suffix in VARIANTS.items() if flag in extra]
-    if "--model.self_condition" in extra:  # the last value given wins, as on the command line
-        k = int(extra[len(extra) - 1 - extra[::-1].index("--model.self_condition") + 1])
+    if "--model.self_condition" in extra:  # read as jobs.train reads it (the last value wins)
+        from gen.config import parse
+        k = parse(["--preset", preset, *extra]).model.self_condition
         words.append("without self-conditioning" if k == 0 else f"self-conditioned on {k} clusters")
     return " ".join(words)
 
