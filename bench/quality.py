@@ -98,15 +98,17 @@ def pokemon_shards(out, size=64, zip_path=POKEMON_ZIP):
     return out / "pokemon"
 
 
-def train(run_dir, data, preset, extra, images=None, minutes=None, eval_n=2000):
+def train(run_dir, data, preset, extra, images=None, minutes=None, eval_n=2000, curve_every=None):
     """Train to `images` seen or for `minutes` of wall time, whichever comes first: then SIGTERM,
-    which the loop answers with a checkpoint at the step it reached (its tested stop path)."""
+    which the loop answers with a checkpoint at the step it reached (its tested stop path).
+    The FID curve: every `curve_every` steps (default: 8 points, or every 500 steps on a time
+    budget, whose minutes include the evaluations)."""
     from gen.config import parse
     cfg = parse(["--preset", preset, *extra])
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps = max(2, math.ceil(images / per_step)) if images else 10**8
     every = max(1, steps // 20) if images else 100
-    evals = max(2, steps // 8) if images else 500  # the FID curve (--eval.every): best vs final checkpoint
+    evals = curve_every or (max(2, steps // 8) if images else 500)  # the FID curve (--eval.every): best vs final
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(data),
                              "--train.run_dir", str(run_dir), *extra, "--train.steps", str(steps),
@@ -240,6 +242,8 @@ def main():
                    help='only the pairs whose preset row is one of these labels ("gan conditional", "vae", ...)')
     p.add_argument("--minutes", type=float, default=None,
                    help="train each preset for this many minutes instead, then its baseline to the same images seen")
+    p.add_argument("--curve-every", type=int, default=None, metavar="STEPS",
+                   help="the FID curve's interval (default: 8 points; 500 steps with --minutes, evaluations included)")
     p.add_argument("--preset-args", default="", metavar="ARGS",
                    help='extra jobs.train arguments for every preset (not the baselines), e.g. --preset-args="--data.hflip" (with =)')
     p.add_argument("--gpu", action="store_true", help="the presets' own widths and batch sizes (not the CPU settings)")
@@ -286,7 +290,7 @@ def main():
                 run_dir = out / "runs" / f"{name}-{label.replace(' ', '-')}"
                 print(f"{name}: training {preset} for " + (f"{images:,} images" if images else f"{args.minutes} minutes")
                       + " ...", flush=True)
-                facts = train(run_dir, data, preset, extra, images, args.minutes, args.n)
+                facts = train(run_dir, data, preset, extra, images, args.minutes, args.n, args.curve_every)
                 scores, grid = score(run_dir, data, args.n, ev)
                 os.replace(run_dir / "nearest.png", out / f"nearest-{run_dir.name}.png")
                 pair_results.append({"data": name, "preset": preset, "label": label, "args": extra, **facts, "scores": scores,

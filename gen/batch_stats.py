@@ -12,6 +12,8 @@ fresh latents (deterministic for a seed, from a private RNG), then eval mode.
     from gen.batch_stats import recompute_batch_stats
     recompute_batch_stats(G, lambda m, z, y: m(z, y), latent_dim=128, num_classes=10)
 """
+import os
+
 import torch
 from torch import nn
 
@@ -20,13 +22,18 @@ from torch import nn
 BATCHES, BATCH_SIZE = 40, 256
 
 
+def default_batches():
+    # the tests that do not check the statistics themselves checkpoint every step: fewer batches
+    return int(os.environ.get("DEEPGEN_BN_BATCHES", BATCHES))
+
+
 def batch_norms(module):
     """The BatchNorm layers that keep running statistics (what eval mode normalises with)."""
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 @torch.no_grad()
-def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=BATCHES, batch_size=BATCH_SIZE,
+def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=None, batch_size=BATCH_SIZE,
                           seed=0, device=None, label_weights=None):
     """Set `module`'s BatchNorm running statistics to the average of its own per-batch statistics
     over `batches` batches of N(0, I) latents (and labels drawn as sampling draws them: uniform, or
@@ -34,6 +41,7 @@ def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=BA
     `forward(module, z, labels)` runs the generator. No-op (but eval mode) without BatchNorm.
     Only the BatchNorm layers run in train mode; the caller's RNG streams are untouched."""
     norms = batch_norms(module)
+    batches = batches or default_batches()
     module.eval()
     if not norms:
         return module

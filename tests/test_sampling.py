@@ -11,6 +11,12 @@ from safetensors.torch import load_file
 from helpers import run, train_cmd
 
 
+@pytest.fixture(autouse=True)
+def full_batch_stats(monkeypatch):
+    """The statistics as users get them (conftest lowers their batch count for speed elsewhere)."""
+    monkeypatch.delenv("DEEPGEN_BN_BATCHES", raising=False)
+
+
 def activation_stats(module, forward, latent_dim, num_classes, n=8192, seed=123, label_weights=None):
     """Per BatchNorm layer: (mean, var) of its inputs over (N, H, W), the module in eval mode; labels
     uniform, or drawn by `label_weights` (a self-conditioned G samples its clusters by size)."""
