@@ -28,7 +28,8 @@ def end_process_group():
     """After an error outside the loop (which cleans up itself): end the process group now, not
     during interpreter exit, where its gloo threads can abort the process."""
     import gc
-
+    if "torch" not in sys.modules:  # failed before torch was imported: no group, and no ~3 s import
+        return
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # a failed run's DDP wrappers hold the group

@@ -19,10 +19,12 @@ from gen.cli import command, configure_logging
 @command
 def main(argv=None):
     configure_logging()
-    from gen.config import parse
+    from gen.config import parse, validate
+    cfg = parse(argv)
+    validate(cfg)  # --help and impossible values answer before torch is imported (~8 s)
     from gen.train import train
 
-    result = train(parse(argv))
+    result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         how = f"stopped by signal {result.stopped_by}" if result.stopped_by else "done"
         print(f"{how} at step {result.step}: run dir {result.run_dir}, checkpoint {result.checkpoint}")

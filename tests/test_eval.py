@@ -5,34 +5,44 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_mnist_shards, run, train_cmd
+from helpers import built_once, make_mnist_shards, run, train_cmd
 
 # a short domain classifier keeps CI fast; the README default trains 600 steps
 DOMAIN_STEPS = "150"
+# the tests of the two shared runs go to one xdist worker in turn: on two they would both wait
+# for the first build (~2 min), and each has its own copy of the run anyway
+on_shared_runs = pytest.mark.xdist_group("test_eval-runs")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def eval_env(tmp_path_factory, digits):
-    """2,000 real train digits + 500 test as shards, and a cache folder for the domain network."""
-    root = tmp_path_factory.mktemp("eval")
-    shards = make_mnist_shards(root, digits, 2000, 500, shard_size=500)
-    return shards, {"DEEPGEN_CACHE": str(root / "cache"), "DEEPGEN_DOMAIN_STEPS": DOMAIN_STEPS}, root
+    """2,000 real train digits + 500 test as shards, and a cache folder for the domain network
+    (built once, shared by the workers)."""
+    root = built_once(tmp_path_factory, "eval", lambda folder: make_mnist_shards(folder, digits, 2000, 500, shard_size=500))
+    return root / "shards", {"DEEPGEN_CACHE": str(root / "cache"), "DEEPGEN_DOMAIN_STEPS": DOMAIN_STEPS}, root
 
 
-@pytest.fixture(scope="module")
-def gan_run(eval_env):
+def _own_copy(tmp_path_factory, eval_env, tmp_path, name, *train_args, preset="gan"):
+    """A run trained once per session (train_args), copied into this test's folder: tests write
+    evaluations, samples and W&B runs into it, and run side by side on xdist workers."""
+    shards, env, _ = eval_env
+    shared = built_once(tmp_path_factory, name, lambda folder: run(
+        train_cmd(shards, folder / "run", *train_args, preset=preset), env=env, check=True))
+    return Path(shutil.copytree(shared / "run", tmp_path / name))
+
+
+@pytest.fixture
+def gan_run(tmp_path_factory, eval_env, tmp_path):
     """A small GAN with checkpoints at steps 20 and 200, evaluated during training."""
-    shards, env, root = eval_env
-    run_dir = root / "gan"
-    run(train_cmd(shards, run_dir, "--train.steps", "200", "--train.batch_size", "32", "--model.width", "16",
-                  "--train.ckpt_every", "20", "--train.keep_last", "20", "--train.log_every", "20",
-                  "--eval.every", "100", "--eval.n", "300", "--log.wandb", "offline"), env=env, check=True)
-    return run_dir
+    return _own_copy(tmp_path_factory, eval_env, tmp_path, "gan-run", "--train.steps", "200", "--train.batch_size", "32",
+                     "--model.width", "16", "--train.ckpt_every", "20", "--train.keep_last", "20",
+                     "--train.log_every", "20", "--eval.every", "100", "--eval.n", "300", "--log.wandb", "offline")
 
 
 def test_fid_and_kid_agree_with_scipy_and_numpy():
@@ -57,6 +67,7 @@ def test_fid_and_kid_agree_with_scipy_and_numpy():
     assert abs(mean - mmd) / abs(mmd) < 1e-3
 
 
+@on_shared_runs
 def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run, tmp_path):
     shards, env, _ = eval_env
     proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb"], env=env, check=True)
@@ -83,6 +94,7 @@ def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run, tmp_path):
     assert json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"] != first["model"]["fid"]
 
 
+@on_shared_runs
 def test_scores_go_to_the_runs_own_wandb_run(eval_env, gan_run):
     """Offline W&B: evaluation continues the training run (same id) with a summary and a table;
     the training curve has eval/fid at the evaluation steps."""
@@ -102,6 +114,7 @@ def test_scores_go_to_the_runs_own_wandb_run(eval_env, gan_run):
     assert "eval/fid" in summary_keys and any(k.startswith("eval/table") for k in logged), (summary_keys, logged)
 
 
+@on_shared_runs
 def test_a_shorter_run_scores_worse(eval_env, gan_run):
     shards, env, _ = eval_env
     fids = {}
@@ -112,6 +125,7 @@ def test_a_shorter_run_scores_worse(eval_env, gan_run):
     assert fids[200] < 0.7 * fids[20], fids
 
 
+@on_shared_runs
 def test_eval_during_training_leaves_the_training_stream_unchanged(eval_env, gan_run, tmp_path):
     shards, env, _ = eval_env
     rows = [json.loads(l) for l in (gan_run / "metrics.jsonl").read_text().splitlines()]
@@ -129,19 +143,17 @@ def test_eval_during_training_leaves_the_training_stream_unchanged(eval_env, gan
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-@pytest.fixture(scope="module")
-def vae_run(eval_env):
+@pytest.fixture
+def vae_run(tmp_path_factory, eval_env, tmp_path):
     """The TF-tutorial VAE (2-D latent), briefly."""
-    shards, env, root = eval_env
-    run_dir = root / "seed-vae"
-    run(train_cmd(shards, run_dir, "--train.steps", "150", "--train.log_every", "25", "--log.wandb", "offline",
-                  preset="seed-vae") + ["--train.batch_size", "32"], env=env, check=True)
-    return run_dir
+    return _own_copy(tmp_path_factory, eval_env, tmp_path, "vae-run", "--train.steps", "150", "--train.log_every", "25",
+                     "--log.wandb", "offline", "--train.batch_size", "32", preset="seed-vae")
 
 
+@on_shared_runs
 def test_every_written_file_decodes(eval_env, gan_run, vae_run, tmp_path):
     from PIL import Image
-    _, env, root = eval_env
+    _, env, _ = eval_env
     run(["-m", "jobs.sample", str(gan_run), "--out", str(tmp_path / "g"), "--npz", str(tmp_path / "g.npz"),
          "--n", "1200", "--truncation", "1.0"], env=env, check=True)
     arr = np.load(tmp_path / "g.npz")["arr_0"]
@@ -184,6 +196,7 @@ def test_conditional_model_writes_a_grid_per_class(eval_env, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (.ci/install installs it)")
+@on_shared_runs
 def test_gan_vs_vae_report_renders_with_every_image(eval_env, gan_run, vae_run, tmp_path):
     _, env, _ = eval_env
     report = tmp_path / "report.html"
@@ -207,6 +220,7 @@ def test_gan_vs_vae_report_renders_with_every_image(eval_env, gan_run, vae_run, 
     assert pixels.shape == (2400, 1400) and pixels.std() > 20  # not a blank page
 
 
+@on_shared_runs
 def test_inception_space_runs_from_a_local_weights_file(eval_env, gan_run, tmp_path):
     """No network here, so no real FID weights: a file in torch-fidelity's format holding the
     network's random initial weights exercises the whole offline path (--inception-weights)."""
@@ -218,7 +232,7 @@ def test_inception_space_runs_from_a_local_weights_file(eval_env, gan_run, tmp_p
     weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), weights)
     _, env, _ = eval_env
-    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "100", "--inception-weights", str(weights), "--no-wandb",
+    proc = run(["-m", "jobs.evaluate", str(gan_run), "--n", "16", "--inception-weights", str(weights), "--no-wandb",
                 "--seeds", "1"],
                env=env, check=True)
     result = json.loads((gan_run / "eval/metrics.json").read_text())
@@ -237,7 +251,7 @@ def test_unlabeled_data_gets_a_contrastive_domain_network(tmp_path):
             "ev = Evaluator(sys.argv[1], n=400, space='domain', progress=False); "
             "print(json.dumps({'info': ev.domain_info, 'floors': ev.floors, 'space': ev.space}))")
     proc = run(["-c", code, str(tmp_path / "poke")], env={"DEEPGEN_CACHE": str(tmp_path / "cache"),
-                                                           "DEEPGEN_DOMAIN_STEPS": "150"}, check=True)
+                                                           "DEEPGEN_DOMAIN_STEPS": "100"}, check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["info"]["kind"] == "contrastive" and out["space"].startswith("domain contrastive")
     floors = out["floors"]
@@ -282,6 +296,7 @@ def test_latent_mixture_size_is_chosen_by_held_out_likelihood():
         assert choose_components(torch.randn(400, 16, generator=g), seed=seed) == 1
 
 
+@on_shared_runs
 def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_path, monkeypatch):
     from gen import features as feats
     from gen.sample import load_generator
@@ -318,6 +333,7 @@ def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_p
     assert abs(fids["model"] - fids["model_normal_prior"]) > 0.01 * fids["model"]  # the priors differ in what they give
 
 
+@on_shared_runs
 def test_report_pictures_and_table_come_from_one_sampler(eval_env, vae_run, tmp_path, monkeypatch):
     """The report's VAE grid is drawn from the same latent mixture its metrics were scored on
     (it used to show N(0, I) samples beside mixture scores)."""

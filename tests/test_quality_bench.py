@@ -5,6 +5,7 @@ import math
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from scipy.spatial.distance import cdist
@@ -51,6 +52,7 @@ def test_random_mirror_and_copy_check_of_mirrored_copies():
     assert report["pixels"]["copied"] and report["pixels"]["samples_median"] == 0
 
 
+@pytest.mark.bench  # ~7 min on 2 cores: nine tiny trainings, two domain networks
 def test_quality_bench_tiny_runs_every_stage(tmp_path):
     proc = run([str(ROOT / "bench" / "quality.py"), "--tiny", "--out", str(tmp_path)], timeout=900)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1 = a model flagged as copying (printed)
