@@ -130,7 +130,8 @@ def train(run_dir, data, preset, extra, images=None, minutes=None, eval_n=2000, 
     best = min(curve, key=lambda c: c[1]) if curve else (None, None)
     final = curve[-1][1] if curve else None
     return {"steps": steps, "images": steps * per_step, "wall_s": time.perf_counter() - t0,
-            "train_s": next(r["time/elapsed_s"] for r in reversed(rows) if "time/elapsed_s" in r),
+            # the loop's own training time (no start-up or evaluation); the wall time before its first log
+            "train_s": next((r["time/elapsed_s"] for r in reversed(rows) if "time/elapsed_s" in r), time.perf_counter() - t0),
             "fid_curve": curve, "best_fid": best[1], "best_step": best[0], "final_fid": final,
             # a run that ended well past its best: the preset's budget or stability is off
             "final_worse": bool(curve) and final > 1.2 * best[1]}
