@@ -72,7 +72,10 @@ def train(cfg, keep_process_group=False, on_step=None):
                 if on_step:
                     on_step(step)
                 save_now = due(step, tc.ckpt_every, tc.steps)
-                stop_now = run.check(stop.signum) if save_now or step % tc.check_every == 0 else False
+                # alone, a signal needs no collective: stop at once (a slow CPU step x check_every can
+                # outlast SLURM's warning); ranks agree on it at the next check
+                signalled_alone = stop.signum is not None and run.accelerator.num_processes == 1
+                stop_now = run.check(stop.signum) if save_now or signalled_alone or step % tc.check_every == 0 else False
                 if due(step, tc.log_every, tc.steps):
                     run.log(step)
                 if due(step, tc.sample_every, tc.steps):

@@ -107,15 +107,19 @@ def test_grad_accumulation_gives_the_big_batch_gradients(mnist_shards, tmp_path,
 
 def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
+    # check_every far away: a lone process stops at the step after the signal, not at the next check
     cmd = [sys.executable, *train_cmd(mnist_shards, run_dir, "--train.steps", "100000", "--train.log_every", "2",
-                                      "--log.wandb", "off", "--train.ckpt_every", "100000")]
+                                      "--log.wandb", "off", "--train.ckpt_every", "100000",
+                                      "--train.check_every", "5000")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for_step(run_dir, 4, process_running(proc))
     proc.send_signal(signal.SIGTERM)
+    logged = metrics(run_dir)[-1]["step"]  # a step the run had finished before the signal
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by signal" in out and "Traceback" not in err
     step = int(re.search(r"stopped by signal 15 at step (\d+):", out).group(1))
+    assert logged <= step < 5000, (logged, step)
     assert (run_dir / f"checkpoints/checkpoint-{step:07d}/meta.json").is_file()
     again = run(train_cmd(mnist_shards, run_dir, "--train.steps", str(step + 3), "--log.wandb", "off"), check=True)
     assert f"at step {step}" in again.stderr and f"done at step {step + 3}" in again.stdout
