@@ -2,6 +2,12 @@
 
     python bench/bench_step.py [--steps 60] [--repeats 2]
     python bench/bench_step.py --matrix [--data SHARDS] [--batch-size 64] [--width 16]
+    python bench/bench_step.py --vs-notebook [--data SHARDS] [--repeats 3] [--images 61440]
+
+--vs-notebook: wall time per image of `python -m jobs.train --preset gan --model.width 16` (the
+README's CPU settings) against the notebook GAN (`--preset seed-gan`), each at its own preset's
+batch, the runs interleaved (notebook, ours, notebook, ours, ...) so that both see the same
+machine; prints each round's ratio and the median. Issue 21's target: <= 0.6.
 
 --matrix: images/s of `python -m jobs.train` (as a user runs it) for the gan and vae presets
 with fp32 and bf16 (and fp16, torch.compile, channels_last on a GPU), beside the images/s of
@@ -101,6 +107,36 @@ def train_img_per_s(shards, run_dir, preset, batch_size, width, steps, workers, 
     return lines[-1]["perf/img_per_s"]
 
 
+def preset_img_per_s(shards, run_dir, preset, images, extra=()):
+    """Images/s over the second half of `python -m jobs.train --preset P` seeing `images` images
+    at the preset's own batch size (the first half warms up)."""
+    import subprocess
+
+    from gen.config import PRESETS
+    steps = max(20, images // PRESETS[preset].train.batch_size)
+    cmd = [sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir),
+           "--train.steps", str(steps), "--train.log_every", str(steps // 2), "--train.sample_every", str(10 * steps),
+           "--train.ckpt_every", str(10 * steps), "--log.wandb", "off", *extra]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return RunDir(run_dir).read_metrics()[-1]["perf/img_per_s"]
+
+
+def vs_notebook(args):
+    """Time per image, ours / the notebook's, in interleaved runs."""
+    import statistics
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.data or make_shards(tmp)
+        for r in range(args.repeats):
+            notebook = preset_img_per_s(shards, Path(tmp) / f"seed{r}", "seed-gan", args.images)
+            ours = preset_img_per_s(shards, Path(tmp) / f"gan{r}", "gan", args.images, ["--model.width", str(args.width)])
+            ratios.append(notebook / ours)
+            print(f"round {r + 1}: notebook (seed-gan, batch 512) {notebook:,.0f} img/s, gan --model.width {args.width} "
+                  f"(batch 128) {ours:,.0f} img/s: time per image {ratios[-1]:.2f}x the notebook's", flush=True)
+    print(f"median over {len(ratios)} rounds: {statistics.median(ratios):.2f}x the notebook's time per image "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f}; target <= 0.6)")
+
+
 def loader_img_per_s(shards, batch_size, workers, batches=200, cache_mb=1024):
     from gen.data import make_loader
     loader, _, _ = make_loader(shards, batch_size=batch_size, workers=workers, cache_mb=cache_mb)
@@ -155,6 +191,8 @@ def main():
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--matrix", action="store_true", help="img/s per preset x precision (x compile x channels_last on GPU)")
+    p.add_argument("--vs-notebook", action="store_true", help="time per image: gan preset / notebook GAN, interleaved")
+    p.add_argument("--images", type=int, default=61440, help="--vs-notebook: images per run")
     p.add_argument("--data", default=None, help="shards for --matrix (default: 4,000 MNIST digits)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=16)
@@ -164,6 +202,8 @@ def main():
     args = p.parse_args()
     if args.matrix:
         return matrix(args)
+    if args.vs_notebook:
+        return vs_notebook(args)
     import logging
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,7 +56,7 @@ class BareStep:
         from gen.families import build_family
         torch.backends.cudnn.benchmark = True
         self.cfg, self.device = cfg, device
-        self.family = build_family(cfg.model, cfg.optim, shape, num_classes)
+        self.family = build_family(cfg.model, cfg.optim, shape, num_classes, mixed_precision=cfg.train.mixed_precision)
         self.nets = {n: m.to(device, memory_format=torch.channels_last) for n, m in self.family.modules.items()}
         fused = {"fused": True} if device.type == "cuda" else {}
         o = cfg.optim
@@ -103,6 +103,10 @@ class BareStep:
             real = aug(x).detach().requires_grad_(True)
             grad, = torch.autograd.grad(D(real, y).float().sum(), real, create_graph=True)
             loss_d = loss_d + 0.5 * m.r1_gamma * m.r1_every * grad.pow(2).sum(dim=[1, 2, 3]).mean()
+        if self.family.one_backward:  # G's gradient out of D's backward, rescaled (GANFamily._both_phase)
+            factor = -torch.exp(-fake_logits.detach().float().clamp(min=-60)).view(-1, 1, 1, 1)
+            fake.register_hook(lambda grad: (grad.float() * factor).to(grad.dtype))
+            return {"shared": loss_d}
         if m.gan_update == "alternating":  # G's loss through D again (D updated first in the loop; same cost)
             fake_logits = D(aug(fake), y)
         loss_g = -fake_logits.mean() if hinge else F.softplus(-fake_logits).mean()
@@ -120,7 +124,9 @@ class BareStep:
         x = self.batch(self.cfg.train.batch_size)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             losses = self.losses(x, self.step_count)
-        names = list(losses)
+        if "shared" in losses:
+            losses["shared"].backward()
+        names = [n for n in losses if n != "shared"]
         for i, n in enumerate(names):  # each loss into its own net's weights
             losses[n].backward(inputs=list(self.nets[n].parameters()), retain_graph=i < len(names) - 1)
         for opt in self.opts.values():

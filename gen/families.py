@@ -8,7 +8,8 @@
     family.generate(module, z, labels) -> images in [-1, 1]
 
 A Phase names the modules it trains (and so their optimizers) and gives the losses of one
-micro-batch, one per trained module, each backpropagated into that module's weights only.
+micro-batch, one per trained module, each backpropagated into that module's weights only (or,
+a `shared` phase, one loss whose gradient in each module is that module's own loss's).
 The loop prepares the modules (device, DDP, precision) and hands each phase that wrapped view,
 `nets` (as stylegan2-ada hands its DDP modules to the loss): a call through `nets[name]` takes
 part in DDP's gradient reduction; a call on `self.modules[name]` does not (frozen D in G's
@@ -36,6 +37,9 @@ class Phase:
     names: tuple                # the modules this phase trains, and so their optimizers
     loss: Callable              # (micro_batch, step, nets) -> ({name: loss}, {metric: 0-d tensor})
     frozen: tuple = ()          # modules that need no weight gradients here (G's phase: D)
+    # the losses are one tensor, {"shared": loss}, backpropagated once into all the modules: its
+    # gradient in each module is that module's own loss's (the family arranges it)
+    shared: bool = False
 
 
 def _adam(params, lr, cfg):
@@ -45,10 +49,14 @@ def _adam(params, lr, cfg):
 class GANFamily:
     ema_target = "G"
 
-    def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
+    def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False, mixed_precision="no"):
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         check_policy(model_cfg.diffaug)
+        # fp16 would lose G's gradient for fakes D is sure of: their rescaled share underflows
+        self.one_backward = (model_cfg.one_backward and model_cfg.gan_update == "simultaneous"
+                             and model_cfg.gan_loss == "nonsat" and not model_cfg.d_batchnorm
+                             and mixed_precision != "fp16")
         n = self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
         if model_cfg.arch == "seed":
             if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
@@ -103,7 +111,7 @@ class GANFamily:
 
     def phases(self, step):
         if self.cfg.gan_update == "simultaneous":
-            return [Phase(("D", "G"), self._both_phase)]
+            return [Phase(("D", "G"), self._both_phase, shared=self.one_backward)]
         return [Phase(("D",), self._d_phase), Phase(("G",), self._g_phase, frozen=("D",))]
 
     divergence_text = "D separates real from fake outright (D(real) - D(fake) > 20) and G's loss exceeds 100"
@@ -148,7 +156,14 @@ class GANFamily:
 
     def _both_phase(self, batch, step, nets):
         """The notebook's step: one batch of fakes, D on reals and fakes once, both losses from
-        those logits; the loop backpropagates each loss into its own network only."""
+        those logits; the loop backpropagates each loss into its own network only.
+
+        one_backward: D's loss alone is backpropagated, into D and G. With the nonsat loss, per
+        fake logit f, dL_G/df = -sigmoid(-f)/B = -exp(-f) * dL_D/df, and D scores each image on
+        its own (no BatchNorm; spectral norm and DiffAugment act per image), so the gradient D's
+        backward pass leaves on each fake image, times -exp(-f), is G's loss's gradient there:
+        a hook on the fakes applies that factor on the way into G. Exact while f > -60 (D that
+        sure of a fake has diverged; below, G's gradient is smaller than the true one)."""
         x, labels = batch["image"], self.batch_labels(batch)
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         fake = nets["G"](z, labels)
@@ -156,7 +171,12 @@ class GANFamily:
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": real_logits.mean().detach(),
                "d_fake": fake_logits.mean().detach()}
-        return {"D": self._with_r1(loss_d, out, x, labels, step), "G": loss_g}, out
+        loss_d = self._with_r1(loss_d, out, x, labels, step)
+        if not self.one_backward:
+            return {"D": loss_d, "G": loss_g}, out
+        factor = -torch.exp(-fake_logits.detach().clamp(min=-60)).view(-1, *[1] * (fake.dim() - 1))
+        fake.register_hook(lambda grad: (grad.float() * factor).to(grad.dtype))
+        return {"shared": loss_d}, out
 
     def _g_phase(self, batch, step, nets):
         """G through the (frozen, already updated) D, outside D's DDP wrapper: D is not trained here."""
@@ -248,10 +268,12 @@ def _log_normal(x, mean, logvar):
     return (-0.5 * ((x - mean) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))).sum(dim=1)
 
 
-def build_family(model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
+def build_family(model_cfg, optim_cfg, shape, num_classes, sampling_only=False, mixed_precision="no"):
     """shape = (channels, size, size); num_classes from the shards' manifest (0: unlabeled).
-    sampling_only: just the sampled module (family.ema_target), no D, no optimizers."""
+    sampling_only: just the sampled module (family.ema_target), no D, no optimizers.
+    mixed_precision: the run's (TrainConfig.mixed_precision)."""
     if model_cfg.conditional and not num_classes:
         raise UserError("--model.conditional needs labeled shards; this data set has no classes")
-    cls = {"gan": GANFamily, "vae": VAEFamily}[model_cfg.family]
-    return cls(model_cfg, optim_cfg, shape, num_classes, sampling_only)
+    if model_cfg.family == "vae":
+        return VAEFamily(model_cfg, optim_cfg, shape, num_classes, sampling_only)
+    return GANFamily(model_cfg, optim_cfg, shape, num_classes, sampling_only, mixed_precision)

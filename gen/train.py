@@ -127,7 +127,8 @@ class Run:
         self.manifest = read_manifest(cfg.data.path)
         self.shape = (self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"])
         self.num_classes = len(self.manifest.get("class_names") or [])
-        self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes)
+        self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes,
+                                   mixed_precision=tc.mixed_precision)
         self.prepared = self.ema = self.loader = self.data_iter = self.bar = self.evaluator = None
         self.last_ckpt = self.stopped_by = self.mode = None
         self.sampler_cache, self.mixture_size, self.fit_images = {}, None, None
@@ -456,9 +457,14 @@ def run_phases(family, prepared, micro_batches, step, accelerator, max_norm):
                         for net in trained:
                             stack.enter_context(accelerator.no_sync(net))
                     losses, metrics = phase.loss(batch, step, prepared.nets)
-                    for j, name in enumerate(phase.names):  # each loss into its own module's weights only
-                        accelerator.backward(losses[name] / k, **({} if len(phase.names) == 1 else {
-                            "inputs": list(family.modules[name].parameters()), "retain_graph": j < len(phase.names) - 1}))
+                    if phase.shared:  # one loss into all the phase's modules
+                        accelerator.backward(losses["shared"] / k, inputs=[
+                            p for name in phase.names for p in family.modules[name].parameters()])
+                    else:
+                        for j, name in enumerate(phase.names):  # each loss into its own module's weights only
+                            accelerator.backward(losses[name] / k, **({} if len(phase.names) == 1 else {
+                                "inputs": list(family.modules[name].parameters()),
+                                "retain_graph": j < len(phase.names) - 1}))
                 add_into(sums, metrics)
         for name in phase.names:
             if max_norm > 0:

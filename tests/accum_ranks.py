@@ -5,10 +5,14 @@ process or under 2 DDP ranks (the reference then covers both ranks' data, as DDP
 Also records, for each DDP all-reduce, how many micro-batches its phase had run: with no_sync in
 effect, none happens before the last (k-th) one.
 
-    python tests/accum_ranks.py OUT.json --preset gan --k 2 --b 8 [--gan-update simultaneous]
+    python tests/accum_ranks.py OUT.json --preset gan --k 2 --b 8 [--gan-update simultaneous] [--gan-loss hinge]
+
+GAN simultaneous with the nonsat loss takes the one-backward path (G's gradient out of D's
+backward, rescaled per image), so the reference written out here checks that rescaling too.
 """
 import argparse
 import copy
+import dataclasses
 import json
 import math
 
@@ -29,11 +33,13 @@ p.add_argument("--data", required=True)
 p.add_argument("--k", type=int, default=2)
 p.add_argument("--b", type=int, default=8)
 p.add_argument("--gan-update", choices=("alternating", "simultaneous"), default="alternating")
+p.add_argument("--gan-loss", choices=("hinge", "nonsat"), default="hinge")
 args = p.parse_args()
 K, B = args.k, args.b
 cfg = parse(["--preset", args.preset, "--data", args.data, "--model.width", "8", "--model.diffaug",
              "--model.r1_gamma", "1", "--model.r1_every", "1", "--model.kl_warmup_steps", "0",
-             "--model.gan_update", args.gan_update, "--model.self_condition", "0"])  # the references' labels: none
+             "--model.gan_update", args.gan_update, "--model.gan_loss", args.gan_loss,
+             "--model.self_condition", "0"])  # the references' labels: none
 simultaneous = cfg.model.family == "gan" and cfg.model.gan_update == "simultaneous"
 acc = Accelerator(cpu=True)
 world, rank = acc.num_processes, acc.process_index
@@ -59,7 +65,7 @@ def counting_phases(step):
         def loss(batch, step, nets):
             micro_batches_run[0] += 1
             return phase.loss(batch, step, nets)
-        return type(phase)(phase.names, loss, phase.frozen)
+        return dataclasses.replace(phase, loss=loss)
     phases = family_phases(step)
     return [counted(ph) for ph in phases]
 
@@ -99,10 +105,19 @@ def param_grads(module, loss, retain_graph=False):
     return torch.autograd.grad(loss, [p for p in module.parameters()], allow_unused=True, retain_graph=retain_graph)
 
 
-def hinge_r1_loss_d(D, reals, fakes):
-    """D's hinge loss plus R1 at gamma 1, every step (the options parsed above); also D's fake logits."""
+def loss_g_sum(fake_logits):
+    """G's loss, summed over the images: hinge -D(G(z)), or nonsat -log sigmoid(D(G(z)))."""
+    return -fake_logits.sum() if args.gan_loss == "hinge" else F.softplus(-fake_logits).sum()
+
+
+def r1_loss_d(D, reals, fakes):
+    """D's loss (hinge, or nonsat: BCE on logits) plus R1 at gamma 1, every step (the options
+    parsed above); also D's fake logits."""
     real_logits, fake_logits = D(reals), D(fakes)
-    loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    if args.gan_loss == "hinge":
+        loss_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    else:
+        loss_d = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
     xr = reals.clone().requires_grad_(True)
     g, = torch.autograd.grad(D(xr).sum(), xr, create_graph=True)
     return fake_logits, loss_d + 0.5 * 1.0 * 1 * g.pow(2).sum(dim=[1, 2, 3]).mean()
@@ -114,14 +129,14 @@ if simultaneous:
     # the same D; D's loss (+ R1) moves only D, G's only G
     G, D = initial["G"], initial["D"]
     xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
-    fake_logits, loss_d = hinge_r1_loss_d(D, xs, torch.cat([G(z) for _, nz in everyone for z in nz]))
-    reference = {"D": param_grads(D, loss_d, retain_graph=True), "G": param_grads(G, -fake_logits.mean())}
+    fake_logits, loss_d = r1_loss_d(D, xs, torch.cat([G(z) for _, nz in everyone for z in nz]))
+    reference = {"D": param_grads(D, loss_d, retain_graph=True), "G": param_grads(G, loss_g_sum(fake_logits) / len(xs))}
 elif cfg.model.family == "gan":
     G, D = initial["G"], initial["D"]
     xs = torch.cat([torch.cat(imgs) for imgs, _ in everyone])
     with torch.no_grad():  # G's BatchNorm sees each micro-batch of b, as in the accumulated run
         fakes = torch.cat([G(z) for _, nz in everyone for z in nz[:K]])
-    ref_d = param_grads(D, hinge_r1_loss_d(D, xs, fakes)[1])
+    ref_d = param_grads(D, r1_loss_d(D, xs, fakes)[1])
     # D steps with torch's own Adam on that gradient, then G's batch goes through the new D
     for p_, g_ in zip(D.parameters(), ref_d):
         p_.grad = g_
@@ -131,7 +146,7 @@ elif cfg.model.family == "gan":
     loss_g = 0
     for _, nz in everyone:
         D_rank = copy.deepcopy(D)
-        loss_g = loss_g + sum(-D_rank(G(z)).sum() for z in nz[K:])
+        loss_g = loss_g + sum(loss_g_sum(D_rank(G(z))) for z in nz[K:])
     ref_g = param_grads(G, loss_g / (world * K * B))
     reference = {"D": ref_d, "G": ref_g}
 else:

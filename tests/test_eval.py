@@ -91,9 +91,7 @@ def test_floors_order_and_same_seed_same_metrics(eval_env, gan_run):
     assert again["model"]["fid_seeds"] == [first["model"]["fid"]] and again["floors"] == first["floors"]
     one_seed = lambda model: {k: v for k, v in model.items() if not k.endswith(("_seeds", "_range"))}  # noqa: E731
     assert one_seed(again["model"]) == one_seed(first["model"])
-    # and another seed gives other samples, so other numbers (the check can fail)
-    run(["-m", "jobs.evaluate", str(gan_run), "--n", "500", "--no-wandb", "--seed", "1", "--seeds", "1"], env=env, check=True)
-    assert json.loads((gan_run / "eval/metrics.json").read_text())["model"]["fid"] != first["model"]["fid"]
+    # (other sample sets give other numbers, so the check can fail: the 3 seeds' FIDs differ, above)
 
 
 def test_domain_network_trains_the_same_from_scratch(eval_env, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, assert_same, metrics, run, state_files, train_cmd
+from helpers import ROOT, assert_same, built_once, metrics, run, state_files, train_cmd
 
 KILL_ARGS = ["--train.ckpt_every", "1", "--train.log_every", "1", "--train.sample_every", "1000", "--log.wandb", "off",
              "--data.workers", "0"]
@@ -45,12 +45,15 @@ def wait_until(condition, proc=None, timeout=120):
 
 
 @pytest.mark.parametrize("keep_last", [1, 3])
-def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shards, tmp_path, keep_last):
+def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shards, tmp_path, tmp_path_factory,
+                                                                    keep_last):
     """ckpt_every 1 and SIGKILL at random moments (often mid-save): after every kill the newest
     complete checkpoint is whole and loads, and resuming each time ends with the weights of an
-    uninterrupted run of the same length."""
+    uninterrupted run of the same length (one run for both cases: keep_last only prunes)."""
     steps = 24
     args = [*KILL_ARGS, "--train.keep_last", str(keep_last), "--train.steps", str(steps)]
+    straight = built_once(tmp_path_factory, "kill9-straight", lambda folder: run(train_cmd(
+        mnist_shards, folder / "run", *KILL_ARGS, "--train.keep_last", "1", "--train.steps", str(steps)), check=True))
     rng = random.Random(keep_last)
     run_dir = tmp_path / "killed"
     kills = 0
@@ -74,9 +77,8 @@ def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shard
     assert kills >= 3
     run(train_cmd(mnist_shards, run_dir, *args), check=True)
     assert [m["step"] for m in metrics(run_dir) if "train/loss_d" in m] == list(range(1, steps + 1))
-    run(train_cmd(mnist_shards, tmp_path / "straight", *args), check=True)
     assert_same(state_files(run_dir / f"checkpoints/checkpoint-{steps:07d}"),
-                state_files(tmp_path / f"straight/checkpoints/checkpoint-{steps:07d}"))
+                state_files(straight / f"run/checkpoints/checkpoint-{steps:07d}"))
     assert len(complete_checkpoints(run_dir)) == keep_last
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 

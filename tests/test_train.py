@@ -85,16 +85,18 @@ def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precis
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("preset,gan_update", [("gan", "alternating"), ("gan", "simultaneous"), ("vae", "alternating")])
-def test_grad_accumulation_gives_the_big_batch_gradients(mnist_shards, tmp_path, preset, gan_update, ranks):
+@pytest.mark.parametrize("preset,gan_update,gan_loss", [("gan", "alternating", "hinge"), ("gan", "simultaneous", "nonsat"),
+                                                         ("vae", "alternating", "hinge")])
+def test_grad_accumulation_gives_the_big_batch_gradients(mnist_shards, tmp_path, preset, gan_update, gan_loss, ranks):
     """grad_accum 3 at batch 8 == one batch of 24 (48 under 2 ranks), against gradients written out
-    from the loss formulas in accum_ranks.py; GAN alternating: D steps once, then G through the
-    updated D; simultaneous: both from one forward; under DDP no all-reduce happens before the
-    last micro-batch (no_sync)."""
+    from the loss formulas in accum_ranks.py; GAN alternating (hinge): D steps once, then G through
+    the updated D; simultaneous (nonsat, the gan preset's): both from one forward, G's gradient out
+    of D's one backward pass; under DDP no all-reduce happens before the last micro-batch (no_sync)."""
     out = tmp_path / "accum.json"
     launcher = launch2() if ranks == 2 else []
     proc = run([*launcher, str(ROOT / "tests" / "accum_ranks.py"), str(out), "--preset", preset, "--data",
-                str(mnist_shards), "--k", "3", "--b", "8", "--gan-update", gan_update], timeout=300)
+                str(mnist_shards), "--k", "3", "--b", "8", "--gan-update", gan_update, "--gan-loss", gan_loss],
+               timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     modules = ["D", "G"] if preset == "gan" else ["vae"]
@@ -342,7 +344,9 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
     """One optimizer step of seed-gan and of seed-vae through the loop's phase runner equals the
     originals' step written out here (Keras notebook: one forward, both losses from the same
     logits, each tape's gradients applied at once with Adam / RMSprop(rho 0.9); TF CVAE tutorial:
-    single-sample MC ELBO on binarised pixels): same gradients, same weights after the step."""
+    single-sample MC ELBO on binarised pixels): same gradients, same weights after the step.
+    seed-gan with --model.one-backward (G's gradient taken from D's one backward pass, rescaled per
+    image) must equal the two tapes' gradients too."""
     import copy
     import math
 
@@ -356,10 +360,12 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
     loader, _, _ = make_loader(mnist_shards, 16, workers=0)
     x = next(iter(loader))["image"]
     acc = Accelerator(cpu=True)
-    for preset in ("seed-gan", "seed-vae"):
-        cfg = parse(["--preset", preset, "--data", str(mnist_shards)])
+    for preset, extra in (("seed-gan", []), ("seed-gan", ["--model.one-backward"]), ("seed-vae", [])):
+        cfg = parse(["--preset", preset, "--data", str(mnist_shards), *extra])
         torch.manual_seed(0)
         family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
+        if preset == "seed-gan":
+            assert family.phases(0)[0].shared == bool(extra)  # the path under test is the one taken
         initial = {n: copy.deepcopy(m) for n, m in family.modules.items()}
         prepared = prepare(acc, family)
         grads = {}
