@@ -2,7 +2,7 @@
 
     python bench/bench_step.py [--steps 60] [--repeats 2]
     python bench/bench_step.py --matrix [--data SHARDS] [--batch-size 64] [--width 16]
-    python bench/bench_step.py --vs-notebook [--data SHARDS] [--repeats 3] [--images 61440]
+    python bench/bench_step.py --vs-notebook [--data SHARDS] [--repeats 3] [--images 61440] [--also="OVERRIDES"]
 
 --vs-notebook: wall time per image of `python -m jobs.train --preset gan --model.width 16` (the
 README's CPU settings) against the notebook GAN (`--preset seed-gan`), each at its own preset's
@@ -122,19 +122,27 @@ def preset_img_per_s(shards, run_dir, preset, images, extra=()):
 
 
 def vs_notebook(args):
-    """Time per image, ours / the notebook's, in interleaved runs."""
+    """Time per image, ours / the notebook's, in interleaved runs (and of `--also` overrides)."""
     import statistics
-    ratios = []
+    ratios, also = [], []
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.data or make_shards(tmp)
         for r in range(args.repeats):
             notebook = preset_img_per_s(shards, Path(tmp) / f"seed{r}", "seed-gan", args.images)
             ours = preset_img_per_s(shards, Path(tmp) / f"gan{r}", "gan", args.images, ["--model.width", str(args.width)])
             ratios.append(notebook / ours)
-            print(f"round {r + 1}: notebook (seed-gan, batch 512) {notebook:,.0f} img/s, gan --model.width {args.width} "
-                  f"(batch 128) {ours:,.0f} img/s: time per image {ratios[-1]:.2f}x the notebook's", flush=True)
+            line = (f"round {r + 1}: notebook (seed-gan, batch 512) {notebook:,.0f} img/s, gan --model.width {args.width} "
+                    f"(batch 128) {ours:,.0f} img/s: time per image {ratios[-1]:.2f}x the notebook's")
+            if args.also:
+                other = preset_img_per_s(shards, Path(tmp) / f"also{r}", "gan", args.images,
+                                         ["--model.width", str(args.width), *args.also.split()])
+                also.append(notebook / other)
+                line += f"; with {args.also}: {other:,.0f} img/s, {also[-1]:.2f}x"
+            print(line, flush=True)
     print(f"median over {len(ratios)} rounds: {statistics.median(ratios):.2f}x the notebook's time per image "
           f"(range {min(ratios):.2f}-{max(ratios):.2f}; target <= 0.6)")
+    if also:
+        print(f"with {args.also}: median {statistics.median(also):.2f}x (range {min(also):.2f}-{max(also):.2f})")
 
 
 def loader_img_per_s(shards, batch_size, workers, batches=200, cache_mb=1024):
@@ -193,6 +201,8 @@ def main():
     p.add_argument("--matrix", action="store_true", help="img/s per preset x precision (x compile x channels_last on GPU)")
     p.add_argument("--vs-notebook", action="store_true", help="time per image: gan preset / notebook GAN, interleaved")
     p.add_argument("--images", type=int, default=61440, help="--vs-notebook: images per run")
+    p.add_argument("--also", default="", help="--vs-notebook: a third run per round, the gan preset with these "
+                   "overrides, e.g. --also=\"--model.gan_loss hinge\" (two backward passes through D)")
     p.add_argument("--data", default=None, help="shards for --matrix (default: 4,000 MNIST digits)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=16)
