@@ -266,7 +266,8 @@ def test_unlabeled_data_gets_a_contrastive_domain_network(tmp_path):
             "ev = Evaluator(sys.argv[1], n=400, space='domain', progress=False); "
             "print(json.dumps({'info': ev.domain_info, 'floors': ev.floors, 'space': ev.space}))")
     proc = run(["-c", code, str(tmp_path / "poke")], env={"DEEPGEN_CACHE": str(tmp_path / "cache"),
-                                                           "DEEPGEN_DOMAIN_STEPS": "100"}, check=True)
+                                                           "DEEPGEN_DOMAIN_STEPS": "60"}, check=True)
+    # (60 steps: real vs real 1.07, blurred 12.9, noise 158 on this CPU; the ordering has room)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["info"]["kind"] == "contrastive" and out["space"].startswith("domain contrastive")
     floors = out["floors"]
