@@ -107,35 +107,31 @@ def train_img_per_s(shards, run_dir, preset, batch_size, width, steps, workers, 
     return lines[-1]["perf/img_per_s"]
 
 
-def preset_img_per_s(shards, run_dir, preset, images, extra=()):
-    """Images/s over the second half of `python -m jobs.train --preset P` seeing `images` images
-    at the preset's own batch size (the first half warms up)."""
-    import subprocess
-
-    from gen.config import PRESETS
-    steps = max(20, images // PRESETS[preset].train.batch_size)
-    cmd = [sys.executable, "-m", "jobs.train", "--preset", preset, "--data", str(shards), "--train.run_dir", str(run_dir),
-           "--train.steps", str(steps), "--train.log_every", str(steps // 2), "--train.sample_every", str(10 * steps),
-           "--train.ckpt_every", str(10 * steps), "--log.wandb", "off", *extra]
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return RunDir(run_dir).read_metrics()[-1]["perf/img_per_s"]
-
-
 def vs_notebook(args):
     """Time per image, ours / the notebook's, in interleaved runs (and of `--also` overrides)."""
     import statistics
+
+    from gen.config import PRESETS
     ratios, also = [], []
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.data or make_shards(tmp)
+
+        def rate(preset, run, extra=()):
+            """`train_img_per_s` at the preset's own batch, for --images images (seed-gan ignores the width)."""
+            batch = PRESETS[preset].train.batch_size
+            out = train_img_per_s(shards, Path(tmp) / run, preset, batch, args.width, max(20, args.images // batch),
+                                  args.workers, list(extra))
+            if isinstance(out, str):
+                raise SystemExit(f"{preset}: {out}")
+            return out
         for r in range(args.repeats):
-            notebook = preset_img_per_s(shards, Path(tmp) / f"seed{r}", "seed-gan", args.images)
-            ours = preset_img_per_s(shards, Path(tmp) / f"gan{r}", "gan", args.images, ["--model.width", str(args.width)])
+            notebook = rate("seed-gan", f"seed{r}")
+            ours = rate("gan", f"gan{r}")
             ratios.append(notebook / ours)
             line = (f"round {r + 1}: notebook (seed-gan, batch 512) {notebook:,.0f} img/s, gan --model.width {args.width} "
                     f"(batch 128) {ours:,.0f} img/s: time per image {ratios[-1]:.2f}x the notebook's")
             if args.also:
-                other = preset_img_per_s(shards, Path(tmp) / f"also{r}", "gan", args.images,
-                                         ["--model.width", str(args.width), *args.also.split()])
+                other = rate("gan", f"also{r}", args.also.split())
                 also.append(notebook / other)
                 line += f"; with {args.also}: {other:,.0f} img/s, {also[-1]:.2f}x"
             print(line, flush=True)

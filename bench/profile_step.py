@@ -87,6 +87,7 @@ class BareStep:
 
     def gan_losses(self, x, step):
         from gen.augment import diff_augment
+        from gen.families import g_gradient_from_d_backward
         m, G, D = self.cfg.model, self.nets["G"], self.nets["D"]
         aug = lambda t: diff_augment(t, m.diffaug)  # noqa: E731
         z = torch.randn(x.size(0), m.latent_dim, device=x.device)
@@ -104,8 +105,7 @@ class BareStep:
             grad, = torch.autograd.grad(D(real, y).float().sum(), real, create_graph=True)
             loss_d = loss_d + 0.5 * m.r1_gamma * m.r1_every * grad.pow(2).sum(dim=[1, 2, 3]).mean()
         if self.family.one_backward:  # G's gradient out of D's backward, rescaled (GANFamily._both_phase)
-            factor = -torch.exp(-fake_logits.detach().float().clamp(min=-60)).view(-1, 1, 1, 1)
-            fake.register_hook(lambda grad: (grad.float() * factor).to(grad.dtype))
+            g_gradient_from_d_backward(fake, fake_logits)
             return {"shared": loss_d}
         if m.gan_update == "alternating":  # G's loss through D again (D updated first in the loop; same cost)
             fake_logits = D(aug(fake), y)

@@ -174,8 +174,7 @@ class GANFamily:
         loss_d = self._with_r1(loss_d, out, x, labels, step)
         if not self.one_backward:
             return {"D": loss_d, "G": loss_g}, out
-        factor = -torch.exp(-fake_logits.detach().clamp(min=-60)).view(-1, *[1] * (fake.dim() - 1))
-        fake.register_hook(lambda grad: (grad.float() * factor).to(grad.dtype))
+        g_gradient_from_d_backward(fake, fake_logits)
         return {"shared": loss_d}, out
 
     def _g_phase(self, batch, step, nets):
@@ -189,6 +188,13 @@ class GANFamily:
     @torch.no_grad()
     def generate(self, module, z, labels=None):
         return module(z, self.labels(labels)).float().clamp(-1, 1)
+
+
+def g_gradient_from_d_backward(fake, fake_logits):
+    """Turn the gradient D's nonsat loss leaves on the fakes into G's nonsat loss's: per image,
+    times -exp(-f) (GANFamily._both_phase says why this is exact)."""
+    factor = -torch.exp(-fake_logits.detach().float().clamp(min=-60)).view(-1, *[1] * (fake.dim() - 1))
+    fake.register_hook(lambda grad: (grad.float() * factor).to(grad.dtype))
 
 
 class VAEFamily:
