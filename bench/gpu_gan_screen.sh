@@ -30,6 +30,21 @@ if [ "${SET:-1}" = 1 ]; then  # first screen: rates, self-conditioning, R1, D de
     [dconv2]="--model.d_convs_per_level 2"
     [z64]="--model.latent_dim 64"
   )
+elif [ "$SET" = 3 ]; then  # third: G = D rates with R1 0.3 (the second's best), seed replicates
+  VARIANTS=(
+    [lr8x-eq-r1-s1]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 0.3 --train.seed 1"
+    [lr8x-eq-r1-s2]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 0.3 --train.seed 2"
+    [lr6x-s3]="--optim.lr 3e-3 --optim.lr_d 6e-3 --train.seed 3"
+    [lr10x-eq-r1]="--optim.lr 5e-3 --optim.lr_d 5e-3 --model.r1_gamma 0.3"
+    [lr8x-eq-r1-1]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 1.0"
+    [lr6x-eq-r1]="--optim.lr 3e-3 --optim.lr_d 3e-3 --model.r1_gamma 0.3"
+    [lr8x-12x-r1]="--optim.lr 4e-3 --optim.lr_d 6e-3 --model.r1_gamma 0.3"
+    [lr8x-eq-r1-b999]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 0.3 --optim.betas 0.0 0.999"
+    [lr8x-eq-r1-sc30]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 0.3 --model.self_condition 30"
+    [lr8x-eq-r1-ema998]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 0.3 --model.ema_decay 0.998"
+    [lr6x-r1-1]="--optim.lr 3e-3 --optim.lr_d 6e-3 --model.r1_gamma 1.0"
+    [lr8x-eq-r1-s3]="--optim.lr 4e-3 --optim.lr_d 4e-3 --model.r1_gamma 0.3 --train.seed 3"
+  )
 else  # second: higher rates, R1 with them, training-seed replicates of the preset and of lr6x
   VARIANTS=(
     [preset-s1]="--train.seed 1"
