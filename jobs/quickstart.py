@@ -32,7 +32,7 @@ def model_args(preset, compare):
     the same task and the same images seen."""
     alone = preset == "gan" and not compare
     # the gan preset's rates (3e-3/6e-3) are tuned for unconditional runs to 200k-775k images; the
-    # conditional quickstart scored FID 0.46 (1.6x the floor) with them against 0.34 (1.2x) with
+    # conditional quickstart scored FID 0.46 (1.6x the floor) with them against 0.39 (1.4x) with
     # 1.5e-3/3e-3, the rates its figures (and --compare's) were measured with (docs/quality.md)
     rates = ["--optim.lr", "1.5e-3", "--optim.lr_d", "3e-3"] if preset == "gan" else []
     return [*([] if alone else ["--train.batch_size", "64"]), "--model.width", "16",
