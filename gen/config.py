@@ -169,12 +169,13 @@ PRESETS = {
     # it lets G's gradient come out of D's one backward pass (one_backward): 0.81x -> 0.73x the notebook's
     # time per image. nonsat at 3x, 775k: 0.50 (0.50-0.54) / 0.900, beyond hinge 2x's range
     # 6x (3e-3/6e-3), screened on an H200 with the CPU settings (bench/gpu_gan_screen.sh, docs/quality.md),
-    # over 4 training seeds: 200k FID 1.03-1.10 / legibility 0.85-0.87, 775k 0.41-0.46 / 0.90-0.91
+    # over 5 training runs: 200k FID 1.03-1.10 / legibility 0.85-0.87, 775k 0.41-0.53 / 0.89-0.91
     # (3x over 2 seeds: 1.47-1.53 / 0.82-0.84, 0.49-0.53 / 0.88-0.89); 4x, 8x, 10x, G = D rates, R1
     # 0.03-1.0, warm-up, EMA 0.9995, 10 clusters, D's 3x3 convs, latent 64: none better over seeds
     # 30 clusters at 6x (CPU, 3 training seeds): 200k FID 0.94-1.00 / legibility 0.87-0.89 against 20's
-    # 1.08-1.15 / 0.85 (2 seeds); 775k, means over 6 sample sets: 0.45-0.47 / 0.914-0.922 against 0.47-0.49 / 0.90. Each cluster holds ~150 of the 4,500 digits; on the
-    # 737 Pokemon, 8 clusters of ~90 collapsed (gan-small-data leaves it off)
+    # 1.08-1.15 / 0.85 (2 seeds); 775k, means over 6 sample sets: 0.45-0.47 / 0.914-0.922 against
+    # 0.47-0.49 / 0.90. Each cluster holds ~150 of the 4,500 digits; on the 737 Pokemon, 8 clusters
+    # of ~90 collapsed (gan-small-data leaves it off)
     "gan": _preset(model=dict(family="gan", arch="dcgan", latent_dim=128, gan_loss="nonsat", d_convs_per_level=1,
                               gan_update="simultaneous", r1_gamma=0.1, r1_every=16, diffaug=(), ema_decay=0.999,
                               self_condition=30),
