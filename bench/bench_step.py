@@ -120,7 +120,7 @@ def vs_notebook(args):
             """`train_img_per_s` at the preset's own batch, for --images images (seed-gan ignores the width)."""
             batch = PRESETS[preset].train.batch_size
             out = train_img_per_s(shards, Path(tmp) / run, preset, batch, args.width, max(20, args.images // batch),
-                                  args.workers, list(extra))
+                                  args.workers, args.both.split() + list(extra))
             if isinstance(out, str):
                 raise SystemExit(f"{preset}: {out}")
             return out
@@ -199,6 +199,7 @@ def main():
     p.add_argument("--images", type=int, default=61440, help="--vs-notebook: images per run")
     p.add_argument("--also", default="", help="--vs-notebook: a third run per round, the gan preset with these "
                    "overrides, e.g. --also=\"--model.gan_loss hinge\" (two backward passes through D)")
+    p.add_argument("--both", default="", help="--vs-notebook: overrides for every run, the notebook's too")
     p.add_argument("--data", default=None, help="shards for --matrix (default: 4,000 MNIST digits)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=16)

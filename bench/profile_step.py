@@ -149,7 +149,8 @@ def bare_img_per_s(bare, steps, warmup):
 
 def flops_per_image(bare, shape):
     """FLOPs per image (torch.utils.flop_counter: matmuls and convolutions) of each net's forward
-    and of one whole bare step (forward, backward, R1 when due)."""
+    and of one whole bare step (forward, backward; a step without R1: the flop counter's hooks
+    cannot follow R1's double backward)."""
     from torch.utils.flop_counter import FlopCounterMode
     n, out = 8, {}
     cfg = bare.cfg
@@ -161,8 +162,12 @@ def flops_per_image(bare, shape):
             with FlopCounterMode(display=False) as counter:
                 net(x, *labels) if name != "vae" else net(x)
             out[f"{name}_forward"] = counter.get_total_flops() / n
-    with FlopCounterMode(display=False) as counter:
-        bare()
+    gamma, cfg.model.r1_gamma = cfg.model.r1_gamma, 0.0
+    try:
+        with FlopCounterMode(display=False) as counter:
+            bare()
+    finally:
+        cfg.model.r1_gamma = gamma
     out["step"] = counter.get_total_flops() / cfg.train.batch_size
     return out
 

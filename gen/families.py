@@ -65,7 +65,7 @@ class GANFamily:
             G = nets.SeedGenerator(model_cfg.latent_dim, c, n, size)
             D = None if sampling_only else nets.SeedDiscriminator(c, n, size)
         elif model_cfg.arch == "dcgan":
-            G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n)
+            G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n, model_cfg.g_image_layer)
             D = None if sampling_only else nets.DCDiscriminator(
                 c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm, model_cfg.d_convs_per_level)
         else:

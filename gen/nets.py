@@ -199,9 +199,11 @@ class Discriminator(nn.Module):
 
 class DCGenerator(nn.Module):
     """DCGAN generator (Radford et al. 2016): dense to the smallest map, stride-2 transposed
-    convs with BatchNorm and ReLU, tanh. One conv per level: cheaper per image than `Generator`."""
+    convs with BatchNorm and ReLU, tanh. One conv per level: cheaper per image than `Generator`.
+    `image_layer`: "conv", a 3x3 conv writes the image from a full-size map of `width` channels;
+    "deconv", the last transposed conv writes it (DCGAN's own): no full-size feature map."""
 
-    def __init__(self, latent_dim, channels, size, width=64, num_classes=0):
+    def __init__(self, latent_dim, channels, size, width=64, num_classes=0, image_layer="conv"):
         super().__init__()
         base, levels = pyramid(size)
         c0 = _channels(width, 0, levels)
@@ -209,8 +211,13 @@ class DCGenerator(nn.Module):
         layers = [nn.Linear(latent_dim, c0 * base ** 2), nn.Unflatten(1, (c0, base, base)), nn.BatchNorm2d(c0), nn.ReLU()]
         for i in range(levels):
             cin, cout = _channels(width, i, levels), _channels(width, i + 1, levels)
+            if image_layer == "deconv" and i == levels - 1:
+                layers.append(nn.ConvTranspose2d(cin, channels, 4, 2, 1))
+                break
             layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1), nn.Tanh())
+        else:
+            layers.append(nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1))
+        self.net = nn.Sequential(*layers, nn.Tanh())
 
     def forward(self, z, labels=None):
         if self.label_embed is not None:

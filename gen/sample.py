@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torchvision.utils import make_grid, save_image
 
 from . import clusters, latent_prior
@@ -129,7 +130,9 @@ def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0
     Gaussians (None: the size chosen by held-out likelihood, gen.latent_prior). Training-time
     grids, --eval.every, checkpoints (sampling.safetensors, latent_prior.safetensors) and so
     every later load_generator, jobs.sample/evaluate/export, the report and the bench sample this."""
-    module = copy.deepcopy(module).to(device)
+    # fp32, as load_generator samples: a copy of a module Accelerate prepared for mixed precision
+    # keeps its autocast-wrapped forward (bf16 grids would differ from the checkpoint's)
+    module = extract_model_from_parallel(copy.deepcopy(module), keep_fp32_wrapper=False).to(device)
     recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, seed=seed, device=device,
                           label_weights=clusters.sizes(module))
     g = Sampler(family, module, cfg, dict(meta, batch_stats="recomputed"), device)

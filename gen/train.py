@@ -115,8 +115,9 @@ class Run:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.cfg, tc = cfg, cfg.train
         self.config_dict = to_dict(cfg)
+        self.precision = resolve_precision(tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
         self.accelerator = acc = Accelerator(
-            mixed_precision=tc.mixed_precision, log_with=None if cfg.log.wandb == "off" else "wandb",
+            mixed_precision=self.precision, log_with=None if cfg.log.wandb == "off" else "wandb",
             # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
             cpu=tc.cpu or not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)],
@@ -127,8 +128,7 @@ class Run:
         self.manifest = read_manifest(cfg.data.path)
         self.shape = (self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"])
         self.num_classes = len(self.manifest.get("class_names") or [])
-        self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes,
-                                   mixed_precision=tc.mixed_precision)
+        self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes, mixed_precision=self.precision)
         self.prepared = self.ema = self.loader = self.data_iter = self.bar = self.evaluator = None
         self.last_ckpt = self.stopped_by = self.mode = None
         self.sampler_cache, self.mixture_size, self.fit_images = {}, None, None
@@ -225,8 +225,8 @@ class Run:
             pin_memory=acc.device.type == "cuda", device=acc.device if on_device else None)
         self.data_iter = iter(self.loader.loader)  # uint8 batches
         # every rank says where it stands: the first place to look when one rank hangs or lags
-        log.info("rank %d/%d on %s (%s): %d shards (%d indexed), %d loader slots, %s", acc.process_index,
-                 acc.num_processes, socket.gethostname(), acc.device, len(self.stream.urls),
+        log.info("rank %d/%d on %s (%s, precision %s): %d shards (%d indexed), %d loader slots, %s", acc.process_index,
+                 acc.num_processes, socket.gethostname(), acc.device, self.precision, len(self.stream.urls),
                  len(self.stream.index.indexed), acc.num_processes * max(1, d.workers),
                  "decoded split on the device" if on_device else f"{d.workers} worker processes")
 
@@ -529,6 +529,18 @@ def data_position_for_rank(saved, accelerator):
     workers = saved[0]["num_workers"]
     return {"positions": {w: {"epoch": epoch, "offset": 0, "skipped": 0} for w in range(workers)},
             "batches": 0, "num_workers": workers}
+
+
+def resolve_precision(setting, cpu):
+    """TrainConfig.mixed_precision with auto resolved: bf16 where the device has bf16 units (a CUDA
+    GPU that supports it; a CPU with AMX tiles, whose oneDNN convolutions run bf16 natively; on
+    other CPUs bf16 is emulated and slower than fp32), else no. Never fp16: it needs a loss scaler."""
+    if setting != "auto":
+        return setting
+    if not cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if amx() else "no"
 
 
 def data_on_device(setting, device, manifest, split, share=0.05):

@@ -224,6 +224,7 @@ def test_wandb_without_key_falls_back_offline_with_one_warning(mnist_shards, tmp
     ("vae", ["--model.conditional", "--model.likelihood", "bernoulli"]),
     ("seed-vae", ["--model.conditional"]),
     ("gan", ["--model.self_condition", "5"]),
+    ("gan", ["--train.mixed_precision", "auto", "--model.g_image_layer", "deconv"]),
 ])
 def test_presets_train_and_sample(mnist_shards, tmp_path, preset, extra):
     """Each preset trains (every module's weights moved from the initial ones, which are rebuilt
@@ -240,7 +241,10 @@ def test_presets_train_and_sample(mnist_shards, tmp_path, preset, extra):
     from gen.train import train
     cfg = parse(["--preset", preset, "--data", str(mnist_shards), "--train.run_dir", str(tmp_path / "r"),
                  "--model.width", "8", "--train.steps", "3", "--log.wandb", "off", "--data.workers", "0", *extra])
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)  # one precision per process: this worker's earlier runs may differ
     result = train(cfg)
+    AcceleratorState._reset_state(True)
     grid = tmp_path / "r/samples/step-0000003.png"
     assert result.step == 3 and grid.is_file()
     assert json.loads((tmp_path / "r/config.json").read_text())["model"]["family"] == cfg.model.family
@@ -281,6 +285,34 @@ def test_seed_ports_match_the_originals():
     assert enc.out.out_features == 4 and dec.net[0].out_features == 7 * 7 * 32
     z = torch.randn(3, 64)
     assert g(z).shape == (3, 1, 28, 28) and g(z).min() >= -1 and d(g(z)).shape == (3,)
+
+
+def test_dcgan_generator_image_layer():
+    """conv (the gan preset's): the layers its checkpoints hold, a 3x3 conv writing the image from
+    a full-size map of `width` channels; deconv (DCGAN's): the last transposed conv writes the
+    image, and no activation of full size has more channels than the image."""
+    from gen import nets
+    conv, deconv = nets.DCGenerator(128, 1, 28, 16), nets.DCGenerator(128, 1, 28, 16, image_layer="deconv")
+    assert [tuple(p.shape) for p in conv.parameters()] == [
+        (3136, 128), (3136,), (64,), (64,), (64, 32, 4, 4), (32,), (32,), (32,), (32, 16, 4, 4), (16,), (16,), (16,),
+        (1, 16, 3, 3), (1,)]
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:]))) for m in deconv.net]
+    out = deconv(torch.randn(4, 128))
+    for h in hooks:
+        h.remove()
+    assert out.shape == (4, 1, 28, 28) and out.abs().max() <= 1
+    assert max(c for c, *hw in shapes if hw == [28, 28]) == 1 and (32, 14, 14) in shapes
+    assert isinstance(deconv.net[-2], torch.nn.ConvTranspose2d)
+
+
+def test_mixed_precision_auto_follows_the_cpu():
+    """auto = bf16 exactly where the kernel reports AMX tiles (/proc/cpuinfo, read here), else fp32."""
+    from gen.train import resolve_precision
+    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split())
+    assert resolve_precision("auto", cpu=True) == ("bf16" if "amx_tile" in flags else "no")
+    assert [resolve_precision(p, cpu=True) for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
 
 
 def test_damaged_shards_do_not_stop_training(mnist_shards, tmp_path):
