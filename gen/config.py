@@ -180,7 +180,8 @@ PRESETS = {
     # 30 clusters at 6x (CPU, 3 training seeds): 200k FID 0.94-1.00 / legibility 0.87-0.89 against 20's
     # 1.08-1.15 / 0.85 (2 seeds); 775k, means over 6 sample sets: 0.45-0.47 / 0.914-0.922 against
     # 0.47-0.49 / 0.90. Each cluster holds ~150 of the 4,500 digits; on the 737 Pokemon, 8 clusters
-    # of ~90 collapsed (gan-small-data leaves it off)
+    # of ~90 collapsed (gan-small-data leaves it off). 40 clusters (2 seeds): 775k legibility 0.922-0.930 but
+    # 200k FID 1.09-1.24 (misses 3x the floor); --model.g_image_layer deconv: 1.29x faster, worse at both budgets
     "gan": _preset(model=dict(family="gan", arch="dcgan", latent_dim=128, gan_loss="nonsat", d_convs_per_level=1,
                               gan_update="simultaneous", r1_gamma=0.1, r1_every=16, diffaug=(), ema_decay=0.999,
                               self_condition=30),
