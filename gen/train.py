@@ -115,11 +115,11 @@ class Run:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.cfg, tc = cfg, cfg.train
         self.config_dict = to_dict(cfg)
-        self.precision = resolve_precision(tc.mixed_precision, cpu=tc.cpu or not torch.cuda.is_available())
+        # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
+        cpu = tc.cpu or not torch.cuda.is_available()
+        self.precision = resolve_precision(tc.mixed_precision, cpu)
         self.accelerator = acc = Accelerator(
-            mixed_precision=self.precision, log_with=None if cfg.log.wandb == "off" else "wandb",
-            # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
-            cpu=tc.cpu or not torch.cuda.is_available(),
+            mixed_precision=self.precision, log_with=None if cfg.log.wandb == "off" else "wandb", cpu=cpu,
             kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)],
             **({"dynamo_backend": "inductor"} if tc.compile else {}))
         set_seed(tc.seed, device_specific=True)  # each rank its own noise; DDP makes the weights equal
