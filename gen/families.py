@@ -73,7 +73,7 @@ class GANFamily:
             D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm,
                                                                model_cfg.d_batchnorm)
         if clusters.count(model_cfg):
-            clusters.attach(G, clusters.count(model_cfg), shape)
+            clusters.attach(G, clusters.count(model_cfg), shape, model_cfg.cluster_method)
         self.modules = {"G": G} if sampling_only else {"G": G, "D": D}
         self.optimizers, self.base_lr = {}, {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
         if sampling_only:
