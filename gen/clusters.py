@@ -60,11 +60,12 @@ def fit(G, images, seed=0):
     v = torch.cat([v, v.new_zeros(d, p - q)], dim=1)
     feats = ((x - mean) @ v).numpy()
     found = min(k, len(torch.unique(x, dim=0)))
-    if hasattr(G, "clusters_of"):
+    spectral = hasattr(G, "clusters_of")
+    if spectral and found > 1:
         centroids, cluster_of = _spectral_prototypes(feats, found, len(G.clusters_of), seed)
-    else:
-        centroids = KMeans(n_clusters=found, n_init=3, random_state=seed).fit(feats).cluster_centers_
-        centroids, cluster_of = torch.from_numpy(centroids), None
+    else:  # (one distinct image has no neighbour graph: its one cluster is its centroid)
+        centroids = torch.from_numpy(KMeans(n_clusters=found, n_init=3, random_state=seed).fit(feats).cluster_centers_)
+        cluster_of = torch.arange(found) if spectral else None
     centroids = torch.cat([centroids, centroids[:1].expand(len(G.clusters_centroids) - len(centroids), -1)])
     with torch.no_grad():
         G.clusters_mean.copy_(mean.float())
