@@ -78,8 +78,8 @@ def main(argv=None):
     print(f"training samples: {run_dir}/samples/ (one grid every 500 steps, EMA weights)")
     print(f"final samples:    {run_dir}/final/samples.png, interpolations.png, interpolations.gif")
     print(f"metrics:          {run_dir}/metrics.jsonl")
-    if wandb_runs:
-        print(f"W&B offline run:  {wandb_runs[-1]}  (upload: wandb sync {wandb_runs[-1]})")
+    if wandb_runs:  # one W&B run: training, then the evaluation appended to it, each in its own folder
+        print(f"W&B offline run:  {wandb_runs[-1].parent}  (upload, in order: wandb sync {' '.join(map(str, wandb_runs))})")
     print(f"continue training: python -m jobs.train --preset {args.preset} --data {args.data} "
           f"--train.run_dir {run_dir} {' '.join(model_args(args.preset, False))} --train.steps {2 * args.steps}")
     return 0
