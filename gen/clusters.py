@@ -66,18 +66,22 @@ def fit(G, images, seed=0):
     else:  # (one distinct image has no neighbour graph: its one cluster is its centroid)
         centroids = torch.from_numpy(KMeans(n_clusters=found, n_init=3, random_state=seed).fit(feats).cluster_centers_)
         cluster_of = torch.arange(found) if spectral else None
-    centroids = torch.cat([centroids, centroids[:1].expand(len(G.clusters_centroids) - len(centroids), -1)])
     with torch.no_grad():
         G.clusters_mean.copy_(mean.float())
         G.clusters_components.copy_(v.float())
-        G.clusters_centroids.copy_(centroids.float())
+        G.clusters_centroids.copy_(_pad_with_first(centroids, len(G.clusters_centroids)).float())
         if cluster_of is not None:
-            G.clusters_of.copy_(torch.cat([cluster_of, cluster_of[:1].expand(len(G.clusters_of) - len(cluster_of))]))
+            G.clusters_of.copy_(_pad_with_first(cluster_of, len(G.clusters_of)))
         # the shares of the clusters the images are assigned to in training (the prototypes'
         # cells, for spectral: they agree with the spectral labels on ~97 % of the images)
         freq = torch.bincount(assign(G, x.float()), minlength=k).double()
         G.clusters_freq.copy_((freq / freq.sum()).float())
     return freq
+
+
+def _pad_with_first(rows, n):
+    """rows, then copies of its first row up to n: spare cells that are never anyone's nearest alone."""
+    return torch.cat([rows, rows[:1].expand(n - len(rows), *rows.shape[1:])])
 
 
 def _spectral_prototypes(feats, k, cells, seed):
