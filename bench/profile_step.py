@@ -73,12 +73,10 @@ class BareStep:
             self.losses = torch.compile(self.losses)
 
     def labels(self, x):
-        """What the loop gives the nets: the images' clusters (self-conditioned), class labels
-        (conditional: drawn here), or None."""
-        from gen import clusters
-        if clusters.count(self.cfg.model):
-            return clusters.assign(self.nets["G"], x)
-        return torch.randint(self.family.num_labels, (len(x),), device=x.device) if self.family.num_labels else None
+        """What the loop gives the nets, by the family's rule: the images' clusters (self-conditioned),
+        class labels (conditional: drawn here), or None."""
+        drawn = torch.randint(max(self.family.num_labels, 1), (len(x),), device=x.device)
+        return self.family.batch_labels({"image": x, "label": drawn})
 
     def batch(self, n):
         idx = torch.randint(len(self.images), (n,), device=self.device)
@@ -207,7 +205,7 @@ def main():
     if args.tiny:
         args.width, args.batch_size, args.steps, args.warmup, args.active = 8, 16, 12, 4, 4
     from gen.config import parse
-    from gen.features import load_real
+    from gen.data import load_real
     from gen.shard_format import read_manifest
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -141,11 +141,11 @@ def score(run_dir, data, n, ev):
     """jobs.evaluate's scores, the VAE's test ELBO and the memorisation check."""
     import torch
     from gen import features as feats
-    from gen.data import to_uint8
+    from gen.data import load_real, to_uint8
     from gen.evaluation import score_sampler
     from gen.sample import load_generator
     g = load_generator(run_dir, data=data)
-    test_x, _ = feats.load_real(data, "test", seed=0)
+    test_x, _ = load_real(data, "test", seed=0)
     # as jobs.evaluate scores (a VAE also from N(0, I)), FID/KID over 3 sample seeds: the noise
     out, samples = score_sampler(ev, g, seed=0, seeds=3)
     if g.is_vae:
@@ -153,7 +153,7 @@ def score(run_dir, data, n, ev):
     tmp = run_dir / ".bench-samples.pt.tmp"  # the scored samples as uint8, to look at or rescore later
     torch.save(to_uint8(samples), tmp)
     os.replace(tmp, run_dir / "bench-samples.pt")
-    train_x, _ = feats.load_real(data, "train", seed=0)
+    train_x, _ = load_real(data, "train", seed=0)
     train = feats.to_float(train_x)
     out["copy"] = copy_check(samples, train, feats.to_float(test_x), ev.embed, mirrored=g.config.data.hflip)
     write_nearest(run_dir / "nearest.png", samples, train, ev.embed, g.config.data.hflip)
@@ -259,6 +259,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from gen import features as feats
+    from gen.data import load_real
     from gen.metrics import Evaluator
 
     results, pairs = [], []  # pairs: (baseline, preset) results
@@ -302,7 +303,7 @@ def main():
             columns += [r.pop("grid") for r in pair_results if "grid" in r]
             results += [r for r in pair_results if r not in results]
             pairs.append(tuple(pair_results))
-        real, _ = feats.load_real(str(data), "train", limit=64, seed=1)
+        real, _ = load_real(str(data), "train", limit=64, seed=1)
         write_grid(out / f"grid-{name}.png", feats.to_float(real), columns)
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"

@@ -9,8 +9,8 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from gen.shard_format import (MANIFEST, DataError, atomic_write_json, index_text, parse_index, read_manifest, scan_tar,
-                              sha256_file, write_index)
+from gen.durable import atomic_write_json, sha256_file
+from gen.shard_format import MANIFEST, DataError, index_text, parse_index, read_manifest, scan_tar, write_index
 
 from . import PrepError
 

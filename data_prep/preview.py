@@ -6,7 +6,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from gen.shard_format import atomic_write_bytes, read_manifest, split_shards
+from gen.durable import atomic_write_bytes
+from gen.shard_format import read_manifest, split_shards
 
 
 def preview(root, out, n=64, split=None):

@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from gen.errors import one_line
-from gen.shard_format import FORMAT, MANIFEST, atomic_write_json, sha256_file, write_index
+from gen.durable import atomic_write_json, sha256_file
+from gen.shard_format import FORMAT, MANIFEST, write_index
 
 from . import PrepError
 from .images import normalise, png_bytes

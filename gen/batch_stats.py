@@ -10,7 +10,8 @@ running mean and variance reset, then a cumulative average over `batches` forwar
 fresh latents (deterministic for a seed, from a private RNG), then eval mode.
 
     from gen.batch_stats import recompute_batch_stats
-    recompute_batch_stats(G, lambda m, z, y: m(z, y), latent_dim=128, num_classes=10)
+    recompute_batch_stats(G, lambda m, z, y: m(z, y), latent_dim=128,
+                          draw_labels=lambda n, rng: torch.randint(10, (n,), generator=rng))
 """
 import os
 
@@ -33,11 +34,11 @@ def batch_norms(module):
 
 
 @torch.no_grad()
-def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=None, batch_size=BATCH_SIZE,
-                          seed=0, device=None, label_weights=None):
+def recompute_batch_stats(module, forward, latent_dim, draw_labels=None, batches=None, batch_size=BATCH_SIZE,
+                          seed=0, device=None):
     """Set `module`'s BatchNorm running statistics to the average of its own per-batch statistics
-    over `batches` batches of N(0, I) latents (and labels drawn as sampling draws them: uniform, or
-    by `label_weights`, a self-conditioned G's cluster sizes), then leave it in eval mode.
+    over `batches` batches of N(0, I) latents (and labels drawn as sampling draws them,
+    `draw_labels(n, generator)`: the family's draw_labels; None: zeros), then leave it in eval mode.
     `forward(module, z, labels)` runs the generator. No-op (but eval mode) without BatchNorm.
     Only the BatchNorm layers run in train mode; the caller's RNG streams are untouched."""
     norms = batch_norms(module)
@@ -55,8 +56,8 @@ def recompute_batch_stats(module, forward, latent_dim, num_classes=0, batches=No
     try:
         for _ in range(batches):
             z = torch.randn(batch_size, latent_dim, generator=rng)
-            labels = (torch.multinomial(label_weights.float().cpu(), batch_size, replacement=True, generator=rng)
-                      if label_weights is not None else torch.randint(max(num_classes, 1), (batch_size,), generator=rng))
+            labels = (draw_labels(batch_size, rng) if draw_labels is not None
+                      else torch.randint(1, (batch_size,), generator=rng))
             forward(module, z.to(device), labels.to(device))
     finally:
         for m, momentum in zip(norms, momenta):

@@ -10,28 +10,29 @@ auto` takes the newest checkpoint that verifies and moves a damaged one aside
 (`damaged-checkpoint-NNNNNNN`, kept, never deleted); sampling, evaluation and export name the
 damaged file in one line.
 
-This module is the only reader of checkpoints. Besides Accelerate's training state (which
-resume needs, and which holds pickles), every checkpoint has `sampling.safetensors`: the
-weights sampling uses (the EMA copy when one is kept), named in meta.json. Sampling,
-evaluation and export read only meta.json and that file, so no pickle is ever loaded from a
-checkpoint someone else wrote. An export folder (`python -m jobs.export`) holds the same two
-things under shareable names: `config.json` and `generator.safetensors` / `vae.safetensors`."""
+Besides Accelerate's training state (which resume needs, and which holds pickles), every
+checkpoint has `sampling.safetensors`: the weights sampling uses (the EMA copy when one is kept),
+named in meta.json. Sampling, evaluation and export read only meta.json and that file
+(gen/artifacts.py), so no pickle is ever loaded from a checkpoint someone else wrote.
+
+Here: writing (save), verifying and pruning checkpoints, and the resume policy (plan_resume,
+check_compatible)."""
 import hashlib
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.utils import gather_object
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
 from .config import from_dict
 from .errors import UserError, one_line
-from .families import build_family
 from .run_dir import RunDir
-from .shard_format import sha256_file
+from .durable import fsync_path, sha256_file
 
 log = logging.getLogger("gen.checkpoint")
 
@@ -42,15 +43,6 @@ EXPORT_CONFIG = "config.json"
 
 class CheckpointError(UserError):
     """A checkpoint cannot be used: incompatible config, torn or missing."""
-
-
-def fsync_path(path):
-    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_records(folder, skip=("meta.json",)):
@@ -116,44 +108,109 @@ def checkpoints(run_dir):
     return RunDir(run_dir).checkpoints()
 
 
-def resolve_resume(run_dir, resume):
-    """The checkpoint folder to resume from, or None. `auto`: the newest one in run_dir that
-    verifies; each damaged newer one is set aside with one warning line. A named one that does
-    not verify is a CheckpointError."""
+@dataclass
+class ResumePlan:
+    """What a run starting in a run dir does with what it finds there (plan_resume)."""
+    checkpoint: str | None = None   # the checkpoint to load; None: a fresh start
+    aside: dict | None = None       # RunDir.move_aside's arguments, or None: nothing to move aside
+    why: str = ""                   # the warning line that says what is moved aside and why
+    branch: bool = False            # continues an older checkpoint: a new W&B run, not the old one's
+
+
+def plan_resume(run_dir, resume):
+    """The rule for an existing run dir, the same for every entry point (the README's "What
+    survives what"); nothing is written here but damaged checkpoints set aside (auto):
+    - auto: the newest checkpoint that verifies (each damaged newer one set aside with one warning
+      line); none there: a fresh start, and an earlier run's files, which have no checkpoint to
+      continue from (killed before its first), are moved aside.
+    - none: a fresh start; refused in one line where the run dir holds checkpoints.
+    - restart: a fresh start; the earlier run's files are moved aside into RUN/replaced-DATE/.
+    - PATH: that checkpoint (refused in one line if it does not verify); newer checkpoints in its
+      run dir are another timeline from there on, and are moved aside with their grids.
+    Raises CheckpointError for a refusal."""
+    rd = RunDir(run_dir)
+    found = rd.checkpoints()
+    names = ", ".join(p.name for _, p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    leftovers = rd.leftovers()
+    if resume == "restart":
+        return ResumePlan(aside={} if leftovers else None, why=f"--train.resume restart: the earlier run's files "
+                          f"({', '.join(leftovers)}) are moved aside")
     if resume in ("none", "", None):
-        return None
+        if found:
+            raise CheckpointError(
+                f"--train.resume none: {rd} holds checkpoints of an earlier run ({names}); continue it with "
+                "--train.resume auto, start over with --train.resume restart (its files are moved aside into "
+                f"{rd}/replaced-DATE/, not deleted), or use another --train.run_dir")
+        return ResumePlan(aside={} if leftovers else None, why=_no_checkpoint_why(leftovers))
     if resume == "auto":
-        for _, path in checkpoints(run_dir):
+        for _, path in found:
             why = verify(path)
             if why is None:
-                return str(path)
+                return ResumePlan(str(path))
             aside = set_aside(path, why)
             log.warning("skipped checkpoint %s: %s; moved aside to %s", path.name, why, aside.name)
-        return None
+        leftovers = rd.leftovers()  # (the damaged ones stay: a restart moves them with the rest)
+        return ResumePlan(aside={} if leftovers else None, why=_no_checkpoint_why(leftovers))
     path = Path(resume)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"--train.resume {resume}: not a complete deepgen checkpoint (no meta.json)")
     why = verify(path)
     if why:
         raise CheckpointError(f"--train.resume {resume}: damaged checkpoint: {why}")
-    return str(path)
+    own = RunDir.of(path).path.resolve() == rd.path.resolve()
+    if not own and found:
+        raise CheckpointError(f"--train.resume {resume}: {rd} holds checkpoints of another run ({names}); continue "
+                              "it in an empty --train.run_dir, or move those aside with --train.resume restart first")
+    step = read_meta(path)["step"]
+    newer = [p.name for s, p in rd.checkpoints(all_kinds=True) if s > step] if own else []
+    if newer:
+        return ResumePlan(str(path), aside={"newer_than": step}, branch=True,
+                          why=f"--train.resume {path.name}: the newer checkpoints ({', '.join(newer)}) are another "
+                              "timeline from here; they, their grids and a copy of metrics.jsonl are moved aside")
+    return ResumePlan(str(path))
+
+
+def _no_checkpoint_why(leftovers):
+    return (f"an earlier run left {', '.join(leftovers)} but no checkpoint to continue from: a fresh start; "
+            "they are moved aside")
 
 
 def read_meta(path):
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def check_compatible(meta, config_dict, shape, path):
-    """One-line error when the checkpoint's model or data shape differs from this run's. `path`
-    is where it was read from (meta's own path is where it was written: the folder may have moved)."""
-    saved_model, model = from_dict(meta["config"]).model, config_dict["model"]  # keys added since: their defaults
-    diffs = [f"model.{k}={getattr(saved_model, k)!r} (this run: {v!r})" for k, v in model.items()
-             if _norm(getattr(saved_model, k)) != _norm(v)]
+# model settings that only change the losses, not what a checkpoint holds: a run may resume with
+# other values (a stronger R1 after a divergence, say), and says so in one warning line
+LOSS_SETTINGS = ("gan_loss", "gan_update", "one_backward", "r1_gamma", "r1_every", "diffaug", "beta",
+                 "kl_warmup_steps", "kl", "binarize", "ema_decay")
+
+
+def check_compatible(meta, config_dict, shape, num_classes, path):
+    """One-line CheckpointError when the checkpoint holds other modules or optimizers than this run
+    builds (architecture, image shape, class count, D's optimizer, EMA on or off); returns the
+    loss settings that differ, as "name old -> new" strings. `path` is where it was read from
+    (meta's own path is where it was written: the folder may have moved)."""
+    saved = from_dict(meta["config"])  # keys added since: their defaults
+    model = config_dict["model"]
+    structural, changed = [], []
+    for k, v in model.items():
+        old = getattr(saved.model, k)
+        if _norm(old) == _norm(v):
+            continue
+        if k in LOSS_SETTINGS and not (k == "ema_decay" and (old == 0) != (v == 0)):
+            changed.append(f"model.{k} {old!r} -> {v!r}")
+        else:
+            structural.append(f"model.{k}={old!r} (this run: {v!r})")
+    if saved.optim.optimizer_d != config_dict["optim"]["optimizer_d"]:
+        structural.append(f"optim.optimizer_d={saved.optim.optimizer_d!r} (this run: {config_dict['optim']['optimizer_d']!r})")
     if list(meta.get("shape", shape)) != list(shape):
-        diffs.append(f"image shape {meta['shape']} (this run: {list(shape)})")
-    if diffs:
-        raise CheckpointError(f"checkpoint {path} is incompatible with this config: {'; '.join(diffs[:3])}. "
+        structural.append(f"image shape {meta['shape']} (this run: {list(shape)})")
+    if meta.get("num_classes", num_classes) != num_classes:
+        structural.append(f"{meta['num_classes']} classes (this run's data: {num_classes})")
+    if structural:
+        raise CheckpointError(f"checkpoint {path} is incompatible with this config: {'; '.join(structural[:3])}. "
                               "Use a new --train.run_dir or the checkpoint's settings")
+    return changed
 
 
 def _norm(v):
@@ -210,12 +267,19 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_path(root)
-        for _, old in checkpoints(run_dir)[max(keep_last, 1):]:  # the newest (this one) is never pruned
+        for old in prunable(run_dir, step, keep_last):
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-checkpoint-*"):  # torn by an earlier kill
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def prunable(run_dir, step, keep_last):
+    """The checkpoints to prune after writing the one of `step`: the oldest of those before it,
+    beyond keep_last in all. Never the one just written, nor a later one (another timeline's)."""
+    older = [path for s, path in checkpoints(run_dir) if s < step]
+    return older[max(keep_last, 1) - 1:]
 
 
 def _all_errors(accelerator, error):
@@ -249,80 +313,3 @@ def write_tensors(tensors, path):
 
 def write_weights(module, path):
     write_tensors(module.state_dict(), path)
-
-
-def find_weights(path):
-    """(meta, weights file) of a checkpoint folder, a run dir (its newest checkpoint that verifies)
-    or an export folder; the files read are verified against their recorded sizes and sha256s."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run dir, checkpoint or export folder")
-    # an export folder: config.json and no checkpoints (a run dir has a config.json too)
-    export = not (path / "meta.json").exists() and not RunDir(path).checkpoint_root.is_dir() and (path / EXPORT_CONFIG).is_file()
-    if export or (path / "meta.json").exists():
-        meta_name = EXPORT_CONFIG if export else "meta.json"
-        why = verify(path, meta_name, names=())
-        if why:
-            raise CheckpointError(f"damaged {'export' if export else 'checkpoint'}: {why}")
-        meta = json.loads((path / meta_name).read_text())
-        if export and "sampling_weights" not in meta:
-            raise CheckpointError(f"{path}: {EXPORT_CONFIG} is not a deepgen export's")
-    else:
-        found = checkpoints(path)
-        if not found:
-            raise CheckpointError(f"{path}: no complete checkpoint (checkpoints/checkpoint-*/meta.json) or export (config.json)")
-        for _, ckpt in found:
-            why = verify(ckpt, names=_sampling_files(ckpt))
-            if why is None:
-                return find_weights(ckpt)
-            log.warning("skipped damaged checkpoint %s: %s", ckpt.name, why)
-        raise CheckpointError(f"{path}: every checkpoint is damaged (newest: {verify(found[0][1])})")
-    if "sampling_weights" not in meta or not (path / meta["sampling_weights"]).is_file():
-        raise CheckpointError(f"{path}: no sampling weights (written by an older deepgen?); "
-                              "train one more checkpoint with `--train.resume auto` to write them")
-    why = verify(path, meta_name, names=_sampling_files(path, meta))
-    if why:
-        raise CheckpointError(f"damaged {'export' if export else 'checkpoint'}: {why}")
-    return meta, path / meta["sampling_weights"]
-
-
-def _sampling_files(folder, meta=None):
-    """The files sampling reads from a checkpoint or export folder."""
-    if meta is None:
-        try:
-            meta = read_meta(folder)
-        except (OSError, ValueError):
-            return ()
-    return tuple(meta[k] for k in ("sampling_weights", "latent_prior") if meta.get(k))
-
-
-def load_sampling_module(path, device="cpu"):
-    """(family, module in eval mode, config, meta, saved latent prior or None), rebuilt from meta
-    and the safetensors files alone: nothing is unpickled."""
-    meta, weights = find_weights(path)
-    cfg = from_dict(meta["config"])
-    family = build_family(cfg.model, cfg.optim, tuple(meta["shape"]), meta.get("num_classes", 0), sampling_only=True)
-    module = family.modules[family.ema_target]
-    prior_file = weights.parent / meta["latent_prior"] if meta.get("latent_prior") else None
-    try:
-        module.load_state_dict(load_file(str(weights)))
-        prior = load_file(str(prior_file)) if prior_file and prior_file.is_file() else None
-    except Exception as e:  # SafetensorError, or a size mismatch, in a folder written without checksums
-        raise CheckpointError(f"cannot load the sampling weights in {weights.parent}: {one_line(e)}") from None
-    return family, module.to(device).eval(), cfg, meta, prior
-
-
-def export_weights(path, dest):
-    """The sampling weights as `generator.safetensors` (GAN) or `vae.safetensors`, and
-    `config.json`, into the folder dest. Returns (weights file name, meta)."""
-    meta, weights = find_weights(path)
-    name = "generator.safetensors" if meta["config"]["model"]["family"] == "gan" else "vae.safetensors"
-    shutil.copyfile(weights, Path(dest) / name)
-    keys = ("config", "shape", "num_classes", "class_names", "step", "deepgen_version", "batch_stats")
-    shared = {k: meta[k] for k in keys if k in meta}
-    if meta.get("latent_prior") and (weights.parent / meta["latent_prior"]).is_file():
-        shutil.copyfile(weights.parent / meta["latent_prior"], Path(dest) / LATENT_PRIOR)
-        shared["latent_prior"] = LATENT_PRIOR
-    files = {n: r for n, r in file_records(dest).items() if n in (name, LATENT_PRIOR)}  # the checksums travel
-    (Path(dest) / EXPORT_CONFIG).write_text(json.dumps(sealed(dict(shared, sampling_weights=name, files=files)), indent=1))
-    return name, meta

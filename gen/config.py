@@ -105,7 +105,9 @@ class TrainConfig:
     # NHWC memory format for modules and batches: faster on GPUs and, for small convs, on CPUs too
     # (oneDNN: the gan preset's G 1.5x at 28 px)
     channels_last: bool = False
-    # auto: newest valid checkpoint in run_dir; none; or a path
+    # auto: the newest valid checkpoint in run_dir (none there: a fresh start); none: a fresh start,
+    # refused where run_dir holds checkpoints; restart: a fresh start, the earlier run's files moved
+    # into run_dir/replaced-DATE/; or a checkpoint's path (newer ones in its run dir are moved aside)
     resume: Annotated[str, tyro.conf.arg(aliases=("--resume",))] = "auto"
     cpu: bool = False               # force CPU even where a GPU exists
     force_unlock: bool = False      # take the run dir's lock even if another run seems to hold it

@@ -273,3 +273,48 @@ def make_loader(root, batch_size, seed=0, rank=0, world_size=1, workers=2, split
                         # its own generator: creating the iterator must not draw from the global RNG
                         generator=torch.Generator().manual_seed(seed))
     return FloatBatches(loader), stream, tracker
+
+
+def load_real(shards, split, limit=None, seed=0):
+    """(uint8 images (N, C, H, W), labels (N,)) of one split, in a seeded shuffled order."""
+    loader, _, _ = make_loader(shards, batch_size=500, seed=seed, workers=0, epochs=1, split=split,
+                               shuffle_buffer=5000)
+    images, labels, n = [], [], 0
+    for batch in loader:
+        images.append(to_uint8(batch["image"]))
+        labels.append(batch["label"])
+        n += len(batch["label"])
+        if limit and n >= limit:
+            break
+    if not images:
+        raise DataError(f"{shards}: split {split!r} has no readable images")
+    x, y = torch.cat(images), torch.cat(labels)
+    return (x[:limit], y[:limit]) if limit else (x, y)
+
+
+# ----------------------------------------------------------------------------- a training run's loader
+
+def data_position_for_rank(saved, accelerator):
+    """This rank's saved stream position. A checkpoint from another world size cannot continue
+    the same streams: restart the saved epoch on the new split, with a warning."""
+    if not saved:
+        return None
+    if len(saved) == accelerator.num_processes:
+        return saved[accelerator.process_index]
+    epoch = min(p["epoch"] for p in saved[0]["positions"].values()) if saved[0]["positions"] else 0
+    if accelerator.is_main_process:
+        log.warning("checkpoint was written by %d processes, this run has %d: the data stream restarts at epoch %d",
+                    len(saved), accelerator.num_processes, epoch)
+    workers = saved[0]["num_workers"]
+    return {"positions": {w: {"epoch": epoch, "offset": 0, "skipped": 0} for w in range(workers)},
+            "batches": 0, "num_workers": workers}
+
+
+def data_on_device(setting, device, manifest, split, share=0.05):
+    """Whether the decoded split lives on the device (DataConfig.device_data)."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type != "cuda":
+        return False  # on CPU, worker processes overlap decode with the step
+    split_bytes = manifest["splits"][split]["count"] * manifest["channels"] * manifest["image_size"] ** 2
+    return split_bytes <= share * torch.cuda.get_device_properties(device).total_memory

@@ -10,7 +10,7 @@ from . import features as feats
 from .metrics import Evaluator, scores
 from .run_dir import RunDir
 from .sample import load_generator
-from .shard_format import atomic_write_json
+from .durable import atomic_write_json
 
 # the scores every table shows, in order: (key, label, format, better)
 SCORES = [("fid", "FID", "{:.3f}", "↓"), ("kid_mean", "KID", "{:.4f}", "↓"), ("precision", "precision", "{:.3f}", "↑"),

@@ -7,6 +7,14 @@
     family.diverging(means) -> 0-d bool tensor or None: losses that blew up without being NaN
     family.generate(module, z, labels) -> images in [-1, 1]
 
+and brings its own specifics, so that the loop never asks a family's name:
+
+    family.prepare(real_images, fresh, main)   data-dependent set-up before step 0 (a self-
+                        conditioned GAN's clusters; the images a VAE's latent mixture is fitted on)
+    family.sample_labels(module, n) / draw_labels(module, n, rng)   the labels samples get
+                        (classes in turn, clusters by their share, or none), in one place
+    family.sampling_prior(sampler, seed, choose) -> a VAE's latent mixture for a sampler, or None
+
 A Phase names the modules it trains (and so their optimizers) and gives the losses of one
 micro-batch, one per trained module, each backpropagated into that module's weights only (or,
 a `shared` phase, one loss whose gradient in each module is that module's own loss's).
@@ -26,10 +34,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import clusters, nets
+from . import clusters, latent_prior, nets
+from .augment import check_policy, diff_augment
 from .data import to_float
 from .errors import UserError
-from .augment import check_policy, diff_augment
 
 
 @dataclass
@@ -46,49 +54,84 @@ def _adam(params, lr, cfg):
     return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-class GANFamily:
+class Family:
+    """What every family shares: the label policy and no-op defaults for the specifics."""
+    num_labels = 0
+
+    def labels(self, labels):
+        """The labels a module is given: None for an unconditional model."""
+        return labels if self.num_labels else None
+
+    def sample_labels(self, module, n):
+        """The labels of n samples (grids, evaluations, jobs.sample): a self-conditioned G's clusters
+        in proportion to their sizes, spread evenly; else classes 0, 1, ... in turn (ignored by an
+        unconditional model)."""
+        if clusters.sizes(module) is not None:
+            return clusters.draw(module.clusters_freq, n)
+        return torch.arange(n) % max(self.num_labels, 1)
+
+    def draw_labels(self, module, n, generator):
+        """n labels drawn at random as sampling draws them (BatchNorm statistics of generated images)."""
+        weights = clusters.sizes(module)
+        if weights is not None:
+            return torch.multinomial(weights.float().cpu(), n, replacement=True, generator=generator)
+        return torch.randint(max(self.num_labels, 1), (n,), generator=generator)
+
+    def prepare(self, real_images, fresh, main):
+        """Data-dependent set-up before step 0; real_images() -> (uint8 images, labels) of the training split."""
+
+    def sampling_prior(self, sampler, seed, choose):
+        return None  # latents from N(0, I)
+
+
+def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
+    """(G, D) of the configured architecture (D None when only sampling), self-conditioning buffers on G."""
+    c, size, _ = shape
+    if model_cfg.arch == "seed":
+        if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
+            raise UserError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
+                            f"{size}px (use --preset gan)")
+        G = nets.SeedGenerator(model_cfg.latent_dim, c, num_labels, size)
+        D = None if sampling_only else nets.SeedDiscriminator(c, num_labels, size)
+    elif model_cfg.arch == "dcgan":
+        G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, num_labels, model_cfg.g_image_layer)
+        D = None if sampling_only else nets.DCDiscriminator(
+            c, size, model_cfg.width, num_labels, model_cfg.spectral_norm, model_cfg.d_batchnorm,
+            model_cfg.d_convs_per_level)
+    else:
+        G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, num_labels)
+        D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, num_labels, model_cfg.spectral_norm,
+                                                           model_cfg.d_batchnorm)
+    if clusters.count(model_cfg):
+        clusters.attach(G, clusters.count(model_cfg), shape, model_cfg.cluster_method)
+    return G, D
+
+
+def gan_optimizers(G, D, optim_cfg):
+    if optim_cfg.optimizer_d == "rmsprop":
+        # Keras' RMSprop: rho 0.9 (torch's default alpha is 0.99)
+        opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, alpha=0.9, eps=optim_cfg.eps,
+                                    weight_decay=optim_cfg.weight_decay)
+    else:
+        opt_d = _adam(D.parameters(), optim_cfg.lr_d, optim_cfg)
+    return {"G": _adam(G.parameters(), optim_cfg.lr, optim_cfg), "D": opt_d}
+
+
+class GANFamily(Family):
     ema_target = "G"
 
     def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False, mixed_precision="no"):
-        c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         check_policy(model_cfg.diffaug)
         # fp16 would lose G's gradient for fakes D is sure of: their rescaled share underflows
         self.one_backward = (model_cfg.one_backward and model_cfg.gan_update == "simultaneous"
                              and model_cfg.gan_loss == "nonsat" and not model_cfg.d_batchnorm
                              and mixed_precision != "fp16")
-        n = self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
-        if model_cfg.arch == "seed":
-            if size != 28 and (size % 8 or (size // 8) & (size // 8 - 1)):
-                raise UserError(f"the seed GAN is the 28x28 notebook model, widened for 8 x 2^k px; this data is "
-                                 f"{size}px (use --preset gan)")
-            G = nets.SeedGenerator(model_cfg.latent_dim, c, n, size)
-            D = None if sampling_only else nets.SeedDiscriminator(c, n, size)
-        elif model_cfg.arch == "dcgan":
-            G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, n, model_cfg.g_image_layer)
-            D = None if sampling_only else nets.DCDiscriminator(
-                c, size, model_cfg.width, n, model_cfg.spectral_norm, model_cfg.d_batchnorm, model_cfg.d_convs_per_level)
-        else:
-            G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, n)
-            D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, n, model_cfg.spectral_norm,
-                                                               model_cfg.d_batchnorm)
-        if clusters.count(model_cfg):
-            clusters.attach(G, clusters.count(model_cfg), shape, model_cfg.cluster_method)
+        self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
+        G, D = gan_nets(model_cfg, shape, self.num_labels, sampling_only)
         self.modules = {"G": G} if sampling_only else {"G": G, "D": D}
-        self.optimizers, self.base_lr = {}, {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
-        if sampling_only:
-            return
-        if optim_cfg.optimizer_d == "rmsprop":
-            # Keras' RMSprop: rho 0.9 (torch's default alpha is 0.99)
-            opt_d = torch.optim.RMSprop(D.parameters(), lr=optim_cfg.lr_d, alpha=0.9, eps=optim_cfg.eps,
-                                        weight_decay=optim_cfg.weight_decay)
-        else:
-            opt_d = _adam(D.parameters(), optim_cfg.lr_d, optim_cfg)
-        self.optimizers = {"G": _adam(G.parameters(), optim_cfg.lr, optim_cfg), "D": opt_d}
-
-    def labels(self, labels):
-        """The labels a module is given: None for an unconditional model."""
-        return labels if self.num_labels else None
+        self.base_lr = {"G": optim_cfg.lr, "D": optim_cfg.lr_d}
+        self.optimizers = {} if sampling_only else gan_optimizers(G, D, optim_cfg)
 
     def batch_labels(self, batch):
         """A real batch's labels as the modules see them: the shards' classes, the images' own
@@ -97,9 +140,11 @@ class GANFamily:
             return clusters.assign(self.modules["G"], batch["image"])
         return self.labels(batch["label"])
 
-    def fit_data(self, images):
-        """Before training, a self-conditioned GAN clusters the training images (uint8)."""
-        clusters.fit(self.modules["G"], to_float(images), seed=0)
+    def prepare(self, real_images, fresh, main):
+        """A self-conditioned GAN clusters the training images before step 0 (every rank the same
+        way; a resumed run loads its clusters with its weights)."""
+        if clusters.count(self.cfg) and fresh:
+            clusters.fit(self.modules["G"], to_float(real_images()[0]), seed=0)
 
     def _d_loss(self, real_logits, fake_logits):
         if self.cfg.gan_loss == "hinge":
@@ -197,13 +242,13 @@ def g_gradient_from_d_backward(fake, fake_logits):
     fake.register_hook(lambda grad: (grad.float() * factor).to(grad.dtype))
 
 
-class VAEFamily:
+class VAEFamily(Family):
     ema_target = "vae"
-    labels = GANFamily.labels
 
     def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False):
         c, size, _ = shape
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
+        self.fit_images, self.mixture_size = None, None
         n = self.num_labels = num_classes if model_cfg.conditional else 0
         if model_cfg.arch == "dcgan":
             raise UserError("--model.arch dcgan is a GAN architecture (VAEs: seed or deep)")
@@ -215,8 +260,27 @@ class VAEFamily:
             enc = nets.Encoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
             dec = nets.Decoder(model_cfg.latent_dim, c, size, model_cfg.width, n)
         vae = nets.VAE(enc, dec)
+        if model_cfg.likelihood == "bernoulli":
+            # the learned scale is the Gaussian likelihood's: no gradient reaches it, and DDP must
+            # not wait for one (it stays a parameter, so checkpoints keep one layout)
+            vae.log_sigma.requires_grad_(False)
         self.modules, self.base_lr = {"vae": vae}, {"vae": optim_cfg.lr}
         self.optimizers = {} if sampling_only else {"vae": _adam(vae.parameters(), optim_cfg.lr, optim_cfg)}
+
+    def prepare(self, real_images, fresh, main):
+        """The main process keeps training images: every sampler's latent mixture is fitted on them."""
+        self.fit_images = real_images() if main else None
+
+    def sampling_prior(self, sampler, seed, choose):
+        """The ex-post latent mixture (gen.latent_prior) for `sampler`, fitted on the images kept by
+        prepare: its size chosen by held-out likelihood where `choose` (where a checkpoint is
+        written: ~15 s on a CPU), else refitted at the last chosen size (grids, evaluations: ~2 s)."""
+        if self.fit_images is None:
+            return None
+        size = None if choose or self.mixture_size is None else self.mixture_size
+        prior = latent_prior.fit_on(sampler, *self.fit_images, components=size, seed=seed)
+        self.mixture_size = len(prior["weights"])
+        return prior
 
     def kl_weight(self, step):
         warm = self.cfg.kl_warmup_steps

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import to_float, to_uint8
-from .shard_format import DataError, atomic_save_tensors, atomic_write_bytes, read_manifest
+from .data import load_real, to_float, to_uint8
+from .durable import atomic_save_tensors, atomic_write_bytes
+from .shard_format import DataError, read_manifest
 
 log = logging.getLogger("gen.features")
 DOMAIN_VERSION = 1  # bump when the domain nets or their training change: old caches are not reused
@@ -29,26 +30,6 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
 
 def cache_dir():
     return Path(os.environ.get("DEEPGEN_CACHE", Path.home() / ".cache" / "deepgen"))
-
-
-# ----------------------------------------------------------------------------- real images
-
-def load_real(shards, split, limit=None, seed=0):
-    """(uint8 images (N, C, H, W), labels (N,)) of one split, in a seeded shuffled order."""
-    from .data import make_loader
-    loader, _, _ = make_loader(shards, batch_size=500, seed=seed, workers=0, epochs=1, split=split,
-                               shuffle_buffer=5000)
-    images, labels, n = [], [], 0
-    for batch in loader:
-        images.append(to_uint8(batch["image"]))
-        labels.append(batch["label"])
-        n += len(batch["label"])
-        if limit and n >= limit:
-            break
-    if not images:
-        raise DataError(f"{shards}: split {split!r} has no readable images")
-    x, y = torch.cat(images), torch.cat(labels)
-    return (x[:limit], y[:limit]) if limit else (x, y)
 
 
 # ----------------------------------------------------------------------------- domain networks

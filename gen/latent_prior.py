@@ -12,17 +12,18 @@ Every VAE sampler is made this way (gen.sample.sampler_for): the training loop f
 whenever it samples or saves and writes it into each checkpoint (latent_prior.safetensors), so
 grids, --eval.every, jobs.sample/evaluate/export and the report all sample the same density.
 Checkpoints from before that get it fitted on first use and cached as
-RUN/latent_prior/step-NNNNNNN.safetensors (written atomically)."""
+RUN/latent_prior/step-NNNNNNN-DATA-nN-sSEED.safetensors (written atomically; DATA: the shards'
+manifest's sha256, so a mixture fitted on other shards is never served for these)."""
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .data import to_float
-from .features import load_real
+from .data import load_real, to_float
+from .durable import atomic_save_tensors
 from .run_dir import RunDir
-from .shard_format import atomic_save_tensors
 
 log = logging.getLogger("gen.latent_prior")
 # mixture sizes tried, in order; the one with the best held-out log-likelihood is kept. Too many
@@ -85,8 +86,11 @@ def fit_on(g, images, labels, components=None, seed=0):
     return fit(g.encode(to_float(images), labels), components, seed)
 
 
-def cache_path(g, source):
-    return RunDir.of(source).latent_prior(int(g.meta.get("step") or 0))
+def cache_path(g, source, data, n, seed):
+    """Where the mixture of checkpoint step, data, n and seed is cached: the data by its
+    manifest's sha256 (which holds every shard's), so other shards never get this one."""
+    key = hashlib.sha256((Path(data) / "manifest.json").read_bytes()).hexdigest()[:12]
+    return RunDir.of(source).latent_prior(int(g.meta.get("step") or 0), f"{key}-n{n}-s{seed}")
 
 
 def load_or_fit(g, source, data=None, n=FIT_IMAGES, components=None, seed=0):
@@ -95,13 +99,13 @@ def load_or_fit(g, source, data=None, n=FIT_IMAGES, components=None, seed=0):
     and cached. None for GANs, or (with a warning) when the training data is not at hand."""
     if not g.is_vae:
         return None
-    path = cache_path(g, source)
-    if path.is_file():
-        return load_file(path)
     data = data or g.config.data.path
     if not (Path(data) / "manifest.json").is_file():
         log.warning("no shards at %s to fit the VAE's ex-post latent density: sampling from N(0, I)", data)
         return None
+    path = cache_path(g, source, data, n, seed)
+    if path.is_file():
+        return load_file(path)
     x, labels = load_real(data, g.config.data.split, limit=n, seed=seed)
     prior = fit_on(g, x, labels, components, seed)
     path.parent.mkdir(parents=True, exist_ok=True)

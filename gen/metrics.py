@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import features as feats
+from .data import load_real
 from .errors import UserError
 
 log = logging.getLogger("gen.metrics")
@@ -123,7 +124,7 @@ class Evaluator:
                           + (f", held-out accuracy {acc:.4f}" if acc is not None else "") + ")")
         else:
             raise UserError(f"unknown feature space {space!r} (domain or inception)")
-        real, _ = feats.load_real(shards, split, limit=2 * n, seed=seed)
+        real, _ = load_real(shards, split, limit=2 * n, seed=seed)
         half = len(real) // 2
         self.n = min(n, half)
         if self.n < n:

@@ -7,19 +7,26 @@ asks RunDir for the path.
     RUN/samples/step-NNNNNNN.png         the training-time grids
     RUN/checkpoints/checkpoint-NNNNNNN/  complete checkpoints (gen.checkpoint); damaged ones are
                                          renamed damaged-checkpoint-NNNNNNN
-    RUN/latent_prior/step-NNNNNNN.safetensors  VAE mixtures fitted for checkpoints that predate
-                                         latent_prior.safetensors (gen.latent_prior)
+    RUN/latent_prior/step-NNNNNNN-KEY.safetensors  VAE mixtures fitted for checkpoints that predate
+                                         latent_prior.safetensors, or for other shards (gen.latent_prior)
     RUN/eval/metrics.json                jobs.evaluate's scores
     RUN/final/                           jobs.sample's figures
     RUN/slurm/JOBID/                     submitit's logs (slurm.submit)
+    RUN/replaced-YYYYmmdd-HHMMSS/        an earlier run's files, moved aside by a run that started
+                                         over (--train.resume restart) or branched from an older
+                                         checkpoint; the same layout, so every command reads it
 """
 import json
 import re
+import time
 from pathlib import Path
 
-from .shard_format import atomic_write_bytes
+from .durable import atomic_write_bytes
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{7})$")
+GRID_RE = re.compile(r"^step-(\d{7})\.png$")
+# what one run writes into its run dir (the lock and the SLURM logs belong to the job, not the run)
+RUN_FILES = ("config.json", "metrics.jsonl", "samples", "checkpoints", "wandb", "eval", "final", "latent_prior")
 
 
 class RunDir:
@@ -33,6 +40,28 @@ class RunDir:
         if path.parent.name == "checkpoints" and not (path / "checkpoints").is_dir():
             return cls(path.parent.parent)
         return cls(path)
+
+    @staticmethod
+    def kind(path):
+        """What a path is: "checkpoint" (a folder with meta.json), "run" (a run dir: checkpoints/,
+        or the config.json a run writes at start), "export" (config.json naming sampling weights),
+        "missing", or None (something else)."""
+        path = Path(path)
+        if not path.exists():
+            return "missing"
+        if (path / "meta.json").is_file():
+            return "checkpoint"
+        if (path / "checkpoints").is_dir():
+            return "run"
+        if not (path / "config.json").is_file():
+            return None
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):  # damaged: an export's if weights lie beside it
+            return "export" if any(path.glob("*.safetensors")) else None
+        if isinstance(config, dict) and "sampling_weights" in config:
+            return "export"
+        return "run" if isinstance(config, dict) and "train" in config else None
 
     def __fspath__(self):
         return str(self.path)
@@ -54,18 +83,52 @@ class RunDir:
     def checkpoint(self, step):
         return self.checkpoint_root / f"checkpoint-{step:07d}"
 
-    def latent_prior(self, step):
-        return self.path / "latent_prior" / f"step-{step:07d}.safetensors"
+    def latent_prior(self, step, key):
+        return self.path / "latent_prior" / f"step-{step:07d}-{key}.safetensors"
 
-    def checkpoints(self):
-        """Complete checkpoints (those with a meta.json), newest first: [(step, path)]."""
+    def checkpoints(self, all_kinds=False):
+        """Complete checkpoints (those with a meta.json), newest first: [(step, path)]. all_kinds:
+        also incomplete ones and those set aside as damaged."""
         found = []
         if self.checkpoint_root.is_dir():
             for p in self.checkpoint_root.iterdir():
-                m = CHECKPOINT_RE.match(p.name)
-                if m and (p / "meta.json").is_file():
+                m = CHECKPOINT_RE.match(p.name.removeprefix("damaged-").split(".")[0] if all_kinds else p.name)
+                if m and (all_kinds or (p / "meta.json").is_file()):
                     found.append((int(m.group(1)), p))
         return sorted(found, reverse=True)
+
+    def leftovers(self):
+        """The files an earlier run left here (RUN_FILES that exist), by name."""
+        return [name for name in RUN_FILES if (self.path / name).exists()]
+
+    def move_aside(self, names=None, newer_than=None):
+        """Move an earlier run's files into a new RUN/replaced-YYYYmmdd-HHMMSS/ (same layout, kept,
+        never deleted); returns it. `names`: those of RUN_FILES (default: all there are).
+        `newer_than=step`: only the checkpoints and grids after that step, and a copy of
+        metrics.jsonl (the timeline an earlier checkpoint branches off)."""
+        dest = self.path / time.strftime("replaced-%Y%m%d-%H%M%S")
+        n = 1
+        while dest.exists():
+            dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+        aside = RunDir(dest)
+        if newer_than is None:
+            dest.mkdir()
+            for name in self.leftovers() if names is None else names:
+                (self.path / name).rename(dest / name)
+            return dest
+        aside.checkpoint_root.mkdir(parents=True)
+        aside.samples.mkdir()
+        for step, path in self.checkpoints(all_kinds=True):
+            if step > newer_than:
+                path.rename(aside.checkpoint_root / path.name)
+        for grid in self.samples.glob("step-*.png") if self.samples.is_dir() else ():
+            m = GRID_RE.match(grid.name)
+            if m and int(m.group(1)) > newer_than:
+                grid.rename(aside.samples / grid.name)
+        for name in ("config.json", "metrics.jsonl"):
+            if (self.path / name).is_file():
+                atomic_write_bytes(dest / name, (self.path / name).read_bytes())
+        return dest
 
     def read_metrics(self):
         """The records of metrics.jsonl, in order ([] before the first log)."""

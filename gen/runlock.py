@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .shard_format import atomic_write_bytes
+from .durable import atomic_write_bytes
 
 LOCK = ".lock"
 HEARTBEAT_S = 30.0

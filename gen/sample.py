@@ -12,12 +12,12 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torchvision.utils import make_grid, save_image
 
-from . import clusters, latent_prior
+from . import latent_prior
 from .batch_stats import batch_norms, recompute_batch_stats
-from .checkpoint import load_sampling_module
+from .artifacts import load_sampling_module
 from .data import make_loader, to_uint8
+from .durable import atomic_write_bytes
 from .shard_format import read_manifest
-from .shard_format import atomic_write_bytes
 
 
 def save_grid(images, path, nrow=None):
@@ -75,10 +75,8 @@ class Sampler:
         return truncated_normal((n, self.latent_dim), truncation, torch.Generator().manual_seed(seed))
 
     def default_labels(self, n):
-        """Classes 0, 1, ... in turn; a self-conditioned GAN's clusters in proportion to their sizes."""
-        if clusters.sizes(self.module) is not None:
-            return clusters.draw(self.module.clusters_freq, n)
-        return torch.arange(n) % max(self.num_classes, 1)
+        """The family's: classes 0, 1, ... in turn; a self-conditioned GAN's clusters in proportion to their sizes."""
+        return self.family.sample_labels(self.module, n)
 
     @torch.no_grad()
     def generate(self, z, labels=None, batch_size=500):
@@ -122,23 +120,25 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- what is sampled
 
-def sampler_for(family, module, cfg, meta, device="cpu", fit_images=None, seed=0, components=None):
+def sampler_for(family, module, cfg, meta, device="cpu", seed=0, choose=True):
     """The one sampling policy, for a trained target module (the EMA copy, or the live module
     without EMA): a copy of it in eval mode whose BatchNorm statistics are recomputed from its
-    own activations (gen.batch_stats), and for a VAE the ex-post latent mixture fitted on
-    `fit_images` ((uint8 images, labels) of the training data; None: N(0, I)), with `components`
-    Gaussians (None: the size chosen by held-out likelihood, gen.latent_prior). Training-time
+    own activations (gen.batch_stats), and the family's latent prior (a VAE's ex-post mixture,
+    fitted on the training images the family kept: its size chosen where `choose`). Training-time
     grids, --eval.every, checkpoints (sampling.safetensors, latent_prior.safetensors) and so
     every later load_generator, jobs.sample/evaluate/export, the report and the bench sample this."""
     # fp32, as load_generator samples: a copy of a module Accelerate prepared for mixed precision
     # keeps its autocast-wrapped forward (bf16 grids would differ from the checkpoint's)
     module = extract_model_from_parallel(copy.deepcopy(module), keep_fp32_wrapper=False).to(device)
-    recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, seed=seed, device=device,
-                          label_weights=clusters.sizes(module))
+    recompute_batch_stats(module, family.generate, cfg.model.latent_dim, _labels_of(family, module), seed=seed,
+                          device=device)
     g = Sampler(family, module, cfg, dict(meta, batch_stats="recomputed"), device)
-    if g.is_vae and fit_images is not None:
-        g.prior = latent_prior.fit_on(g, *fit_images, components=components, seed=seed)
+    g.prior = family.sampling_prior(g, seed, choose)
     return g
+
+
+def _labels_of(family, module):
+    return lambda n, generator: family.draw_labels(module, n, generator)
 
 
 def load_generator(path, device="cpu", prior="auto", data=None):
@@ -150,8 +150,7 @@ def load_generator(path, device="cpu", prior="auto", data=None):
     prior="normal": a VAE samples N(0, I) instead."""
     family, module, cfg, meta, saved_prior = load_sampling_module(path, device)
     if meta.get("batch_stats") != "recomputed" and batch_norms(module):
-        recompute_batch_stats(module, family.generate, cfg.model.latent_dim, family.num_labels, device=device,
-                              label_weights=clusters.sizes(module))
+        recompute_batch_stats(module, family.generate, cfg.model.latent_dim, _labels_of(family, module), device=device)
     g = Sampler(family, module, cfg, meta, device)
     if g.is_vae and prior == "auto":
         other_data = data is not None and Path(data).resolve() != Path(cfg.data.path).resolve()

@@ -1,5 +1,5 @@
 """The shard format, owned here and imported by both the prep tool and the library: the manifest,
-a split's shard list, the one error type, atomic writes, and the per-shard index (writing it,
+a split's shard list, the one error type, and the per-shard index (writing it,
 and reading a split's indexes into arrays for the loader). Nothing here imports PIL, torch or
 multiprocessing, so reading shards never pulls in the prep tool.
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .durable import atomic_write_bytes
 from .errors import UserError
 
 _log = logging.getLogger("gen.data")
@@ -29,39 +30,6 @@ class DataError(UserError):
 class DecodeError(ValueError):
     """A sample that failed to decode: skipped and counted (remembered in the decoded-image cache,
     so every epoch skips it again)."""
-
-
-def atomic_save_tensors(path, tensors, metadata=None):
-    """A safetensors file written as atomic_write_bytes writes."""
-    from safetensors.torch import save
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
-
-
-def atomic_write_bytes(path, data):
-    """Temp file + fsync + rename: a kill leaves the previous file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path, obj, indent=1):
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(root):

@@ -4,57 +4,46 @@
     accelerate launch --num_processes 2 -m jobs.train --preset vae --data data/pokemon
     accelerate launch --cpu --num_processes 2 -m jobs.train --preset gan --data data/mnist
 
-`train` is the loop, one screen; `Run` owns everything around a step (set-up and resume, the
-checks, logging, sampling, evaluation, checkpoints, clean-up); `run_phases` is one optimizer
-step. A family (families.py) supplies plain modules, optimizers and phases (the losses of one
-micro-batch per trained module); devices, DDP, gradient accumulation, mixed precision,
-checkpoints, signals and logging are here, once.
+`train` is the loop, one screen; `Run` owns everything around a step (set-up and resume,
+sampling, evaluation, checkpoints, clean-up); gen/step.py is one optimizer step, gen/monitor.py
+the checks and logs between steps, gen/claim.py the run dir taken before anything is written.
+A family (families.py) supplies plain modules, optimizers, phases (the losses of one micro-batch
+per trained module) and its own data-dependent set-up; devices, DDP, gradient accumulation,
+mixed precision, checkpoints, signals and logging are here and in those modules, once.
 
 The step never waits for the GPU: losses stay on the device, and finiteness and stop signals
 are checked (one host sync, one collective) every --train.check_every steps and always
 before a checkpoint is written, so a non-finite loss never reaches a checkpoint.
 """
-import json
 import logging
-import math
 import signal
 import socket
-import time
 import warnings
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
-from . import checkpoint, clusters, tracking
+from . import checkpoint, tracking
 from .augment import random_mirror
+from .claim import claim_run_dir
 from .config import to_dict, validate
-from .data import make_loader, to_float
+from .data import data_on_device, data_position_for_rank, load_real, make_loader, to_float
 from .ema import EMA
-from .errors import TrainingFailed, one_line
+from .errors import one_line
 from .families import build_family
-from .features import load_real
 from .latent_prior import FIT_IMAGES
 from .metrics import Evaluator
+from .monitor import Monitor, NonFiniteLoss, TrainingDiverged, status_line  # noqa: F401 (their home for callers)
 from .run_dir import RunDir
-from .runlock import RunDirLocked, RunLock
 from .sample import sampler_for, save_grid
-from .shard_format import atomic_write_bytes, read_manifest
+from .shard_format import read_manifest
+from .step import lr_factor, prepare, run_phases
 
 log = logging.getLogger("gen.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-DIVERGED_CHECKS = 3
-
-
-class NonFiniteLoss(TrainingFailed):
-    """A loss became NaN or inf; nothing was saved after the last good checkpoint."""
-
-
-class TrainingDiverged(TrainingFailed):
-    """The losses blew up without becoming NaN (a GAN whose D wins outright) for DIVERGED_CHECKS checks."""
 
 
 def train(cfg, keep_process_group=False, on_step=None):
@@ -62,9 +51,9 @@ def train(cfg, keep_process_group=False, on_step=None):
     optimizer step (a profiler's step(), bench/profile_step.py); the loop never depends on it."""
     validate(cfg)  # impossible values fail here, before any folder is created
     tc, ev = cfg.train, cfg.eval
-    run = Run(cfg)  # accelerator, model family, the run dir's lock
+    run = Run(cfg)  # accelerator, model family
     try:
-        run.start()  # devices and DDP, EMA, resume, data, tracking
+        run.start()  # the run dir, devices and DDP, EMA, resume, data, tracking
         with StopSignals() as stop:
             while run.step < tc.steps:
                 run.optimizer_step()  # grad_accum micro-batches through every phase, then EMA
@@ -129,24 +118,10 @@ class Run:
         self.shape = (self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"])
         self.num_classes = len(self.manifest.get("class_names") or [])
         self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes, mixed_precision=self.precision)
-        self.prepared = self.ema = self.loader = self.data_iter = self.bar = self.evaluator = None
-        self.last_ckpt = self.stopped_by = self.mode = None
-        self.sampler_cache, self.mixture_size, self.fit_images = {}, None, None
-        # the run dir is owned by this run alone (a lock with a heartbeat), taken by the main process
-        self.run_dir, self.lock, refused = RunDir(tc.run_dir), None, [None]
-        if self.main:
-            self.lock = RunLock(self.run_dir.path)
-            try:
-                why = self.lock.acquire(force=tc.force_unlock)
-                if why:
-                    log.warning("took over the run dir lock of an earlier run (%s)", why)
-                self.run_dir.samples.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(self.run_dir.config, json.dumps(self.config_dict, indent=1).encode())
-            except RunDirLocked as e:
-                refused, self.lock = [str(e)], None
-        broadcast_object_list(refused)
-        if refused[0]:
-            raise RunDirLocked(refused[0])
+        self.run_dir = RunDir(tc.run_dir)
+        self.claim = self.prepared = self.ema = self.loader = self.data_iter = self.bar = self.evaluator = None
+        self.last_ckpt = self.stopped_by = self.mode = self.monitor = None
+        self.sampler_cache = {}
 
     @property
     def step(self):
@@ -154,14 +129,17 @@ class Run:
 
     def start(self):
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        # the run dir: taken (lock, resume plan, compatibility) before anything is written in it
+        self.claim = claim_run_dir(acc, tc, self.config_dict, self.shape, self.num_classes)
+        self.last_ckpt = self.claim.checkpoint
+        self.rng_devices = [acc.device] if acc.device.type == "cuda" else []
+        # the family's data-dependent set-up, under its own RNG: the training stream is the same
+        with torch.random.fork_rng(devices=self.rng_devices):
+            self.family.prepare(lambda: load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed),
+                                fresh=self.last_ckpt is None, main=self.main)
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         for m in self.family.modules.values():
             m.to(memory_format=self.memory_format)
-        self.rng_devices = [acc.device] if acc.device.type == "cuda" else []
-        self.last_ckpt = self.find_checkpoint()
-        if clusters.count(cfg.model) and not self.last_ckpt:  # a resumed run loads its clusters with its weights
-            with torch.random.fork_rng(devices=self.rng_devices):
-                self.family.fit_data(load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)[0])
         self.prepared = prepare(acc, self.family)
         # EMA and the loop's own state are checkpointed with the models
         if cfg.model.ema_decay > 0:
@@ -176,40 +154,25 @@ class Run:
         if self.mode:
             self.state.wandb_run_id = self.state.wandb_run_id or tracking.new_run_id()
             tracking.init(acc, cfg, self.config_dict, self.state.wandb_run_id, self.mode)
-        # what is sampled, and the evaluator, are set up under their own RNG: the training stream
-        # is the same with them or without
-        if cfg.model.family == "vae" and self.main:
-            with torch.random.fork_rng(devices=self.rng_devices):
-                self.fit_images = load_real(cfg.data.path, cfg.data.split, limit=FIT_IMAGES, seed=tc.seed)
-        if cfg.eval.every > 0 and self.main:
+        if cfg.eval.every > 0 and self.main:  # under its own RNG, as above
             with torch.random.fork_rng(devices=self.rng_devices):
                 self.evaluator = Evaluator(cfg.data.path, n=cfg.eval.n, space=cfg.eval.space, seed=cfg.eval.seed,
                                            device=acc.device, split=cfg.data.split, with_prdc=False)
         self.bar = tqdm(total=tc.steps, initial=self.state.step, disable=not self.main, dynamic_ncols=True,
                         unit="step", mininterval=1.0)
-        self.images_per_step = tc.batch_size * tc.grad_accum * acc.num_processes
-        self.window_t, self.window_steps, self.sums = time.perf_counter(), 0, {}
-        self.check_sums, self.check_steps, self.diverged_checks = {}, 0, 0  # losses since the last check
-        self.first_bad_step = torch.zeros((), dtype=torch.long, device=acc.device)  # 0: all finite so far
-
-    def find_checkpoint(self):
-        """The checkpoint to resume from: the newest complete one (chosen once, on the main
-        process) or the one --train.resume names; None for a fresh run."""
-        found = [checkpoint.resolve_resume(self.run_dir.path, self.cfg.train.resume) if self.main else None]
-        broadcast_object_list(found)
-        return found[0]
+        self.monitor = Monitor(acc, self.family, self.state, tc.batch_size * tc.grad_accum * acc.num_processes)
 
     def resume(self):
-        """Load the checkpoint find_checkpoint chose, if any."""
-        acc = self.accelerator
+        """Load the checkpoint the claim chose, if any. A branch off an older checkpoint (newer ones
+        were moved aside) starts a new W&B run: the old one has logged past this step."""
         if not self.last_ckpt:
             return
-        meta = checkpoint.read_meta(self.last_ckpt)
-        checkpoint.check_compatible(meta, self.config_dict, self.shape, self.last_ckpt)
         try:
-            acc.load_state(self.last_ckpt)
+            self.accelerator.load_state(self.last_ckpt)
         except Exception as e:  # a checkpoint written before checksums were recorded, damaged
             raise checkpoint.CheckpointError(f"cannot load checkpoint {self.last_ckpt}: {one_line(e)}") from None
+        if self.claim.branch:
+            self.state.wandb_run_id = None
         if self.main:
             log.info("resumed from %s at step %d", self.last_ckpt, self.state.step)
             self.run_dir.truncate_metrics(self.state.step)
@@ -255,99 +218,55 @@ class Run:
         if self.ema:
             self.ema.update(self.family.modules[self.family.ema_target], self.state.step)
         self.state.step += 1
-        # remember the first step with a non-finite loss
-        finite = torch.stack([v.float() for v in losses.values()]).isfinite().all()
-        self.first_bad_step = torch.where(finite | (self.first_bad_step > 0), self.first_bad_step, self.state.step)
-        self.losses = losses
-        add_into(self.sums, losses)
-        add_into(self.check_sums, losses)
-        self.window_steps += 1
-        self.check_steps += 1
+        self.monitor.add(losses, self.state.step)
         self.bar.update(1)
 
     def check(self, signum):
-        """One host sync and one collective: whether to stop (a signal on any rank), or fail (a
-        non-finite loss, or losses diverging DIVERGED_CHECKS checks in a row)."""
-        means = {k: v / self.check_steps for k, v in self.check_sums.items()}
-        stop_now, bad_step, diverging = agree(self.accelerator, signum is not None, self.first_bad_step,
-                                              self.family.diverging(means))
-        self.diverged_checks = self.diverged_checks + 1 if diverging else 0
-        self.check_sums, self.check_steps = {}, 0
-        last_good = f"Last good checkpoint: {self.last_ckpt or 'none'}"
-        if self.diverged_checks >= DIVERGED_CHECKS:
-            values = ", ".join(f"{k}={float(v):.3g}" for k, v in means.items())
-            raise TrainingDiverged(
-                f"training diverged: {self.family.divergence_text} in {DIVERGED_CHECKS} checks in a row, up to "
-                f"step {self.step} ({values}); nothing saved after it. {last_good}. "
-                "Try lower learning rates (--optim.lr_d, --optim.lr) or a stronger --model.r1_gamma")
-        if bad_step:
-            values = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.losses, torch.stack(
-                [v.float() for v in self.losses.values()]).tolist()))
-            raise NonFiniteLoss(f"non-finite loss at step {bad_step} (step {self.step}: {values}); nothing saved "
-                                f"after it. {last_good}. Try a lower --optim.lr or --train.mixed_precision no")
-        return stop_now
+        return self.monitor.check(signum, self.last_ckpt)
 
     def log(self, step):
         """Means since the last log, speed and data position: console, metrics.jsonl, W&B."""
-        elapsed = time.perf_counter() - self.window_t
-        means = torch.stack([v.float() for v in self.sums.values()]).div(self.window_steps).tolist()  # one sync
-        metrics = {f"train/{k}": v for k, v in zip(self.sums, means)}
-        metrics.update({f"lr/{n}": self.lr(n, step - 1) for n in self.family.modules})
-        self.state.elapsed += elapsed
-        p = self.position
-        metrics.update({"perf/img_per_s": self.images_per_step * self.window_steps / elapsed,
-                        "perf/ms_per_step": 1000 * elapsed / self.window_steps, "time/elapsed_s": self.state.elapsed,
-                        "data/images_seen": step * self.images_per_step, "data/epoch": p.epoch,
-                        "data/skipped": p.skipped, "data/read_MB": p.bytes_read / 2**20})
+        record = self.monitor.metrics(step, {n: self.lr(n, step - 1) for n in self.family.modules}, self.position)
         if self.main:
-            self.bar.set_postfix({"img/s": f"{metrics['perf/img_per_s']:.0f}"}, refresh=False)
-            line = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items() if k.startswith("train/"))
-            self.bar.write(f"step {step}/{self.cfg.train.steps} | epoch {p.epoch} | {line} | "
-                           f"{metrics['perf/ms_per_step']:.1f} ms/step | {metrics['perf/img_per_s']:.0f} img/s")
-            self.run_dir.append_metrics({"step": step, **metrics})
+            self.bar.set_postfix({"img/s": f"{record['perf/img_per_s']:.0f}"}, refresh=False)
+            self.bar.write(status_line(step, self.cfg.train.steps, self.position.epoch, record))
+            self.run_dir.append_metrics({"step": step, **record})
         if self.mode:
-            self.accelerator.log(metrics, step=step)
-        self.window_t, self.window_steps, self.sums = time.perf_counter(), 0, {}
+            self.accelerator.log(record, step=step)
 
     def sampler_at(self, step):
         """What is sampled at this step (gen.sample.sampler_for, the one policy): the EMA weights
-        with BatchNorm statistics of their own, and a VAE's latent mixture; made at most once per
-        step for the grid, the evaluation and the checkpoint together, under its own RNG."""
+        with BatchNorm statistics of their own, and the family's latent prior; made at most once
+        per step for the grid, the evaluation and the checkpoint together, under its own RNG."""
         if step not in self.sampler_cache:
             self.sampler_cache.clear()
             tc = self.cfg.train
-            # a VAE's mixture size is chosen (~15 s on a CPU) where a checkpoint is written; grids and
-            # evaluations in between refit that size to the current weights (~2 s)
-            choose = step % tc.ckpt_every == 0 or step == tc.steps or self.mixture_size is None
             module = self.ema.module if self.ema else self.family.modules[self.family.ema_target]
             meta = {"shape": list(self.shape), "num_classes": self.num_classes,
                     "class_names": self.manifest.get("class_names")}
             with torch.random.fork_rng(devices=self.rng_devices):
-                g = sampler_for(self.family, module, self.cfg, meta, self.accelerator.device, self.fit_images,
-                                seed=tc.seed, components=None if choose else self.mixture_size)
-            if g.prior is not None:
-                self.mixture_size = len(g.prior["weights"])
-            self.sampler_cache[step] = g
+                self.sampler_cache[step] = sampler_for(self.family, module, self.cfg, meta, self.accelerator.device,
+                                                       seed=tc.seed, choose=step % tc.ckpt_every == 0 or step == tc.steps)
         return self.sampler_cache[step]
 
     def sample_grid(self, step):
-        """The grid of fixed latents (and labels 0, 1, ... for a conditional model)."""
+        """The grid of fixed latents (and labels: the family's sample_labels)."""
         if not self.main:
             return
-        n = self.cfg.log.num_samples
-        images = self.sampler_at(step).sample(n, seed=self.cfg.train.seed)  # labels: Sampler.default_labels
-        grid = save_grid(images, self.run_dir.grid(step))
-        if self.mode:
-            tracking.log_image(self.accelerator, "samples", grid, step)
+        with self.monitor.paused():
+            grid = save_grid(self.sampler_at(step).sample(self.cfg.log.num_samples, seed=self.cfg.train.seed),
+                             self.run_dir.grid(step))
+            if self.mode:
+                tracking.log_image(self.accelerator, "samples", grid, step)
 
     def evaluate(self, step):
         """--eval.every: FID/KID (and legibility) of what is sampled, against the features of the
         real data computed once."""
         if not self.evaluator:
             return
-        ev, seed = self.evaluator, self.cfg.eval.seed
-        with torch.random.fork_rng(devices=self.rng_devices):
-            scores = ev.score(self.sampler_at(step).sample(ev.n, seed=seed))
+        ev = self.evaluator
+        with self.monitor.paused(), torch.random.fork_rng(devices=self.rng_devices):
+            scores = ev.score(self.sampler_at(step).sample(ev.n, seed=self.cfg.eval.seed))
         record = {"step": step, "time/elapsed_s": self.state.elapsed,
                   **{f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}}
         self.bar.write(f"eval at step {step}: FID {scores['fid']:.3f} (real vs real {ev.floors['real_vs_real']['fid']:.3f})"
@@ -357,11 +276,13 @@ class Run:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def save(self, step):
-        self.state.data = gather_object([self.position.state_dict()])  # every rank's stream position, by rank
-        meta = {"config": self.config_dict, "shape": list(self.shape), "num_classes": self.num_classes,
-                "class_names": self.manifest.get("class_names"), "wandb_run_id": self.state.wandb_run_id}
-        self.last_ckpt = checkpoint.save(self.accelerator, self.run_dir.path, step, meta, self.cfg.train.keep_last,
-                                         lambda: self.sampler_at(step))
+        with self.monitor.paused():
+            self.monitor.count_elapsed()  # the wall time up to here is the checkpoint's
+            self.state.data = gather_object([self.position.state_dict()])  # every rank's stream position, by rank
+            meta = {"config": self.config_dict, "shape": list(self.shape), "num_classes": self.num_classes,
+                    "class_names": self.manifest.get("class_names"), "wandb_run_id": self.state.wandb_run_id}
+            self.last_ckpt = checkpoint.save(self.accelerator, self.run_dir.path, step, meta, self.cfg.train.keep_last,
+                                             lambda: self.sampler_at(step))
 
     def stopped(self, signum):
         self.stopped_by = signum or signal.SIGTERM  # another rank got it
@@ -384,15 +305,15 @@ class Run:
                 else:
                     self.accelerator.end_training()
         finally:
-            if self.lock:
-                self.lock.release()
+            if self.claim and self.claim.lock:
+                self.claim.lock.release()
 
     def result(self):
         return TrainResult(self.step, str(self.run_dir), self.last_ckpt, self.stopped_by, self.family.modules, self.ema)
 
 
 class TrainState:
-    """Step, data position, W&B run id and training wall time: checkpointed with the models
+    """Step, data position, W&B run id and the run's wall time: checkpointed with the models
     (register_for_checkpointing)."""
 
     def __init__(self):
@@ -426,111 +347,6 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-# ----------------------------------------------------------------------------- one optimizer step
-
-@dataclass
-class Prepared:
-    """The family's modules and optimizers as the accelerator wrapped them (device, DDP, precision):
-    `nets` is the view the phases run through; the family keeps the plain modules."""
-    nets: dict
-    optimizers: dict
-
-
-def prepare(accelerator, family):
-    names = list(family.modules)
-    wrapped = accelerator.prepare(*family.modules.values(), *(family.optimizers[n] for n in names))
-    return Prepared(dict(zip(names, wrapped[:len(names)])), dict(zip(names, wrapped[len(names):])))
-
-
-def run_phases(family, prepared, micro_batches, step, accelerator, max_norm):
-    """One optimizer step for each of the family's phases, each over all k micro-batches: every
-    loss divided by k (the mean over k*b samples), DDP's gradient reduction skipped (no_sync) on
-    all but the last micro-batch, then one clip, step and zero_grad per trained module.
-    Returns each metric's mean over the micro-batches, as device tensors."""
-    sums, k = {}, len(micro_batches)
-    for phase in family.phases(step):
-        trained = [prepared.nets[n] for n in phase.names]
-        with frozen([family.modules[n] for n in phase.frozen]):
-            for i, batch in enumerate(micro_batches):
-                with ExitStack() as stack:
-                    if i < k - 1:
-                        for net in trained:
-                            stack.enter_context(accelerator.no_sync(net))
-                    losses, metrics = phase.loss(batch, step, prepared.nets)
-                    if phase.shared:  # one loss into all the phase's modules
-                        accelerator.backward(losses["shared"] / k, inputs=[
-                            p for name in phase.names for p in family.modules[name].parameters()])
-                    else:
-                        for j, name in enumerate(phase.names):  # each loss into its own module's weights only
-                            accelerator.backward(losses[name] / k, **({} if len(phase.names) == 1 else {
-                                "inputs": list(family.modules[name].parameters()),
-                                "retain_graph": j < len(phase.names) - 1}))
-                add_into(sums, metrics)
-        for name in phase.names:
-            if max_norm > 0:
-                accelerator.clip_grad_norm_(prepared.nets[name].parameters(), max_norm)
-            prepared.optimizers[name].step()
-            prepared.optimizers[name].zero_grad(set_to_none=True)
-    return {name: v / k for name, v in sums.items()}
-
-
-@contextmanager
-def frozen(modules):
-    """Weights that need no gradient in a phase (G's phase does not train D: stylegan2-ada's
-    requires_grad_(False)), so no weight-gradient work is done for them."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def add_into(sums, metrics):
-    """Sum device tensors by name (no host sync)."""
-    for k, v in metrics.items():
-        sums[k] = sums[k] + v if k in sums else v
-
-
-def lr_factor(step, cfg):
-    warm = min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else 1.0
-    if cfg.optim.schedule == "cosine":
-        return warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.train.steps) / cfg.train.steps))
-    return warm
-
-
-def agree(accelerator, stop, first_bad_step, diverging):
-    """(stop, first non-finite step or 0, diverging), OR-ed / max-ed over all ranks with one
-    collective, so every rank stops or fails at the same step. The only host sync of a check."""
-    device = first_bad_step.device
-    flags = torch.stack([torch.tensor(float(stop), device=device), first_bad_step.float(),
-                         diverging.float().to(device) if diverging is not None else torch.zeros((), device=device)])
-    if accelerator.num_processes > 1:
-        flags = accelerator.gather(flags[None].to(accelerator.device)).amax(dim=0)
-    stop_now, bad_step, diverged = flags.tolist()
-    return bool(stop_now), int(bad_step), bool(diverged)
-
-
-# ----------------------------------------------------------------------------- data set-up
-
-def data_position_for_rank(saved, accelerator):
-    """This rank's saved stream position. A checkpoint from another world size cannot continue
-    the same streams: restart the saved epoch on the new split, with a warning."""
-    if not saved:
-        return None
-    if len(saved) == accelerator.num_processes:
-        return saved[accelerator.process_index]
-    epoch = min(p["epoch"] for p in saved[0]["positions"].values()) if saved[0]["positions"] else 0
-    if accelerator.is_main_process:
-        log.warning("checkpoint was written by %d processes, this run has %d: the data stream restarts at epoch %d",
-                    len(saved), accelerator.num_processes, epoch)
-    workers = saved[0]["num_workers"]
-    return {"positions": {w: {"epoch": epoch, "offset": 0, "skipped": 0} for w in range(workers)},
-            "batches": 0, "num_workers": workers}
-
-
 def resolve_precision(setting, cpu):
     """TrainConfig.mixed_precision with auto resolved: bf16 where the device has bf16 units (a CUDA
     GPU that supports it; a CPU with AMX tiles, whose oneDNN convolutions run bf16 natively; on
@@ -541,13 +357,3 @@ def resolve_precision(setting, cpu):
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     return "bf16" if amx() else "no"
-
-
-def data_on_device(setting, device, manifest, split, share=0.05):
-    """Whether the decoded split lives on the device (DataConfig.device_data)."""
-    if setting != "auto":
-        return setting == "on"
-    if device.type != "cuda":
-        return False  # on CPU, worker processes overlap decode with the step
-    split_bytes = manifest["splits"][split]["count"] * manifest["channels"] * manifest["image_size"] ** 2
-    return split_bytes <= share * torch.cuda.get_device_properties(device).total_memory

@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from gen.report import render, run_facts, summary
-    from gen.shard_format import atomic_write_bytes
+    from gen.durable import atomic_write_bytes
     from gen.tracking import log_compare_table
     with tempfile.TemporaryDirectory() as tmp:
         facts = [run_facts(r, args, tmp) for r in args.runs]

@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="new folder to write")
     p.add_argument("--n", type=int, default=64, help="images in the README's sample grid")
     args = p.parse_args(argv)
-    from gen.checkpoint import export_weights
+    from gen.artifacts import export_weights
     from gen.sample import load_generator, save_grid
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -1,4 +1,4 @@
-"""One optimizer step through the training loop's phase runner (gen.train.run_phases) with
+"""One optimizer step through the training loop's phase runner (gen.step.run_phases) with
 grad_accum k at micro-batch b, against the gradients of one batch of k*b written out here from
 the loss formulas (no family code, no accumulation), on the same images and noise. Run as one
 process or under 2 DDP ranks (the reference then covers both ranks' data, as DDP averages).
@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from gen.config import parse
 from gen.data import make_loader
 from gen.families import build_family
-from gen.train import prepare, run_phases
+from gen.step import prepare, run_phases
 
 p = argparse.ArgumentParser()
 p.add_argument("out")

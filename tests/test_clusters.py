@@ -78,7 +78,7 @@ def test_self_conditioned_run_labels_batches_by_cluster_and_samples_them(mnist_s
     from gen import load_generator
     from gen.config import parse
     from gen.data import to_float
-    from gen.features import load_real
+    from gen.data import load_real
     from gen.train import train
     cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(tmp_path / "r"),
                  "--model.width", "8", "--train.steps", "2", "--log.wandb", "off", "--data.workers", "0",

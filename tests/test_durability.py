@@ -39,7 +39,7 @@ def twenty_steps(tmp_path_factory, mnist_shards):
 
 
 def test_every_kind_of_damage_to_every_file_is_found(twenty_steps, tmp_path):
-    from gen.checkpoint import checkpoints, resolve_resume, verify
+    from gen.checkpoint import checkpoints, plan_resume, verify
     run_dir, _ = twenty_steps
     ckpt = run_dir / "checkpoints/checkpoint-0000020"
     assert verify(ckpt) is None
@@ -54,7 +54,7 @@ def test_every_kind_of_damage_to_every_file_is_found(twenty_steps, tmp_path):
             why = verify(copy / "checkpoints/checkpoint-0000020")
             assert why and name in why, (name, how, why)
             # resume auto takes the previous checkpoint and keeps the damaged one aside
-            assert resolve_resume(copy, "auto") == str(copy / "checkpoints/checkpoint-0000010")
+            assert plan_resume(copy, "auto").checkpoint == str(copy / "checkpoints/checkpoint-0000010")
             assert [s for s, _ in checkpoints(copy)] == [10]
             assert (copy / "checkpoints/damaged-checkpoint-0000020" / name).is_file()
             shutil.rmtree(copy)

@@ -314,7 +314,7 @@ def test_latent_mixture_size_is_chosen_by_held_out_likelihood():
 
 @on_shared_runs
 def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_path, monkeypatch):
-    from gen import features as feats
+    from gen.data import load_real, to_float
     from gen.sample import load_generator
     shards, env, _ = eval_env
     proc = run(["-m", "jobs.sample", str(vae_run), "--out", str(tmp_path / "v")], env=env, check=True)
@@ -323,8 +323,8 @@ def test_vae_samples_from_its_expost_mixture_by_default(eval_env, vae_run, tmp_p
     assert (ckpt / "latent_prior.safetensors").is_file()  # fitted by the training loop, saved with the weights
     g = load_generator(vae_run)
     assert g.prior is not None and not (vae_run / "latent_prior").exists()  # nothing fitted again
-    x, labels = feats.load_real(shards, "train", seed=0)
-    z = g.encode(feats.to_float(x), labels)  # the aggregate posterior's means, the mixture's target
+    x, labels = load_real(shards, "train", seed=0)
+    z = g.encode(to_float(x), labels)  # the aggregate posterior's means, the mixture's target
     drawn = g.latents(20000, seed=1)
     assert (drawn.mean(0) - z.mean(0)).abs().max() < 0.1 * z.std(0).max()
     assert (torch.cov(drawn.T) - torch.cov(z.T)).abs().max() < 0.1 * torch.cov(z.T).abs().max()

@@ -391,7 +391,7 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
     from gen.config import parse
     from gen.data import make_loader
     from gen.families import build_family
-    from gen.train import prepare, run_phases
+    from gen.step import prepare, run_phases
     loader, _, _ = make_loader(mnist_shards, 16, workers=0)
     x = next(iter(loader))["image"]
     acc = Accelerator(cpu=True)
@@ -464,7 +464,7 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     from gen.config import parse
     from gen.data import make_loader
     from gen.families import build_family
-    from gen.train import prepare, run_phases
+    from gen.step import prepare, run_phases
     x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
     cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--model.self_condition", "0", "--model.arch", "dcgan",
                  "--model.d-batchnorm",
