@@ -34,7 +34,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             import torch
             torch.set_num_threads(int(cpus))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        cfg = parse(self.train_args + ["--train.resume", "auto"])
+        cfg = parse(self.argv())
         try:
             result = train(cfg)
         except UserError as e:  # one line in the job's log, as on the command line; the job fails
@@ -45,6 +45,15 @@ class TrainTask(submitit.helpers.Checkpointable):
             self._hand_over_to_submitit(env, result.stopped_by)
         return {"step": result.step, "run_dir": result.run_dir, "checkpoint": result.checkpoint,
                 "requeues": self.requeues}
+
+    def argv(self):
+        """jobs.train's arguments for this start: the user's on the first (their --train.resume:
+        auto, none, restart or a path, by the same rule as on the command line); `auto` on every
+        requeue, by submitit (a checkpoint() copy) or by SLURM itself (a node failure, `scontrol
+        requeue`: the original task, started again with SLURM_RESTART_COUNT > 0), so a requeued job
+        continues its own run and never starts it over."""
+        requeued = self.requeues > 0 or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        return self.train_args + (["--train.resume", "auto"] if requeued else [])
 
     def _hand_over_to_submitit(self, env, signum):
         """Every rank has saved. Rank 0 now runs submitit's own handler for the signal

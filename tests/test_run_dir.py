@@ -193,3 +193,13 @@ def test_images_per_second_leave_out_sampling_and_the_wall_time_reaches_the_chec
     assert all(r["perf/ms_per_step"] < 1000 * slow for r in rows), rows  # a grid a step would make it >= 1000
     state = torch.load(run_dir / "checkpoints/checkpoint-0000004/custom_checkpoint_1.pkl", weights_only=False)
     assert state["elapsed"] >= 4 * slow  # every grid up to the checkpoint, the last one included
+
+
+def test_slurm_task_takes_the_users_resume_first_and_auto_on_every_requeue(monkeypatch):
+    from slurm.task import TrainTask
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first = TrainTask(["--preset", "gan", "--train.resume", "restart"])
+    assert first.argv()[-2:] == ["--train.resume", "restart"]  # the user's choice, as on the command line
+    assert first.checkpoint().function.argv()[-2:] == ["--train.resume", "auto"]  # submitit's requeue
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM's own requeue starts the original task again
+    assert first.argv()[-2:] == ["--train.resume", "auto"]
