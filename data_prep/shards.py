@@ -33,8 +33,6 @@ log = logging.getLogger("data_prep")
 PROGRESS = ".progress.json"
 
 
-# ----------------------------------------------------------------------------- small helpers
-
 # ----------------------------------------------------------------------------- encoding (worker processes)
 
 _zips = {}  # per worker process: open zip files, so each member read does not reopen the archive
@@ -67,61 +65,93 @@ def encode_item(item, size, crop, grayscale):
 def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=False, crop="pad",
                  grayscale=False, prep_args=None):
     """Encode every item of `source` into shards under `out`; returns the manifest dict.
-    Shards are encoded and written in parallel, one whole shard per worker process."""
+    Shards are encoded and written in parallel, one whole shard per worker process: plan which
+    items go in which shard, keep the shards an earlier run finished, write the rest, then the
+    manifest."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrepError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     prep_args = dict(prep_args or {}, shard_size=shard_size, seed=seed, size=source.size, crop=crop, grayscale=grayscale)
-    progress_path = out / PROGRESS
-    progress = {}
-    if overwrite:
-        for old in list(out.glob("*.tar")) + [out / MANIFEST, progress_path]:
-            old.unlink(missing_ok=True)
-    elif progress_path.is_file():
-        try:
-            saved = json.loads(progress_path.read_text())
-        except ValueError:
-            saved = {}
-        if saved.get("prep_args") == prep_args and saved.get("dataset") == source.dataset:
-            progress = saved.get("shards", {})
-        elif saved.get("prep_args") is not None:
-            raise PrepError(f"{out} holds shards made with other arguments; use --overwrite to replace them or another --out")
-    channels = 1 if (grayscale or source.channels == 1) else 3
-    opts = (source.size, crop, grayscale)
+    progress = Progress(out, source.dataset, prep_args, overwrite)
+    plan = plan_shards(source.splits, shard_size, seed)
+    todo, kept = [], 0
+    for split in source.splits:
+        for name in plan[split]:
+            if progress.kept(name):
+                kept += 1
+            else:
+                chunk, first = plan[name]
+                todo.append((str(out / name), chunk, first, source.class_names, (source.size, crop, grayscale)))
+    _encode(todo, workers, progress, source.dataset)
+    manifest = _manifest(source, plan, progress.shards, channels=1 if (grayscale or source.channels == 1) else 3,
+                         prep_args=prep_args)
+    atomic_write_json(out / MANIFEST, manifest)
+    if kept:
+        log.info("kept %d complete shard(s) from an earlier run", kept)
+    return manifest
 
-    # plan: a seeded shuffle per split mixes classes in every shard; shard s holds items [s*S, (s+1)*S)
+
+def plan_shards(splits, shard_size, seed):
+    """{split: [shard names]} and {shard name: (its items, the first item's index)}: a seeded
+    shuffle per split mixes classes in every shard; shard s holds items [s*S, (s+1)*S)."""
     plan = {}
-    for split, items in source.splits.items():
+    for split, items in splits.items():
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
         names = [f"{split}-{s:06d}.tar" for s in range(max(1, math.ceil(len(items) / shard_size)))]
         plan[split] = names
         for s, name in enumerate(names):
             plan[name] = (items[s * shard_size:(s + 1) * shard_size], s * shard_size)
-    todo, kept = [], 0
-    for split in source.splits:
-        for name in plan[split]:
-            record = progress.get(name)
-            if record and (out / name).is_file() and sha256_file(out / name) == record["sha256"] and _index_ok(out, record):
-                kept += 1
-            else:
-                chunk, first = plan[name]
-                todo.append((str(out / name), chunk, first, source.class_names, opts))
+    return plan
+
+
+class Progress:
+    """`.progress.json`: the shards an earlier run of the same command finished. A re-run keeps
+    each one whose tar and index still match their sha256; other arguments are refused."""
+
+    def __init__(self, out, dataset, prep_args, overwrite):
+        self.out, self.path, self.dataset, self.prep_args, self.shards = out, out / PROGRESS, dataset, prep_args, {}
+        if overwrite:
+            for old in list(out.glob("*.tar")) + [out / MANIFEST, self.path]:
+                old.unlink(missing_ok=True)
+        elif self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text())
+            except ValueError:
+                saved = {}
+            if saved.get("prep_args") == prep_args and saved.get("dataset") == dataset:
+                self.shards = saved.get("shards", {})
+            elif saved.get("prep_args") is not None:
+                raise PrepError(f"{out} holds shards made with other arguments; use --overwrite to replace them or "
+                                "another --out")
+
+    def kept(self, name):
+        record = self.shards.get(name)
+        return bool(record) and (self.out / name).is_file() and sha256_file(self.out / name) == record["sha256"] \
+            and _index_ok(self.out, record)
+
+    def add(self, record):
+        self.shards[record["name"]] = record
+        self.save()
+
+    def save(self):
+        atomic_write_json(self.path, {"dataset": self.dataset, "prep_args": self.prep_args, "shards": self.shards},
+                          indent=None)
+
+
+def _encode(todo, workers, progress, dataset):
+    """Write the shards of `todo` in a pool of worker processes, recording each one finished. A full
+    disk: the partial files swept, the finished shards recorded, one PrepError line."""
+    out = progress.out
     total = sum(len(job[1]) for job in todo)
     workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
-    with tqdm(total=total, desc=f"{source.dataset} shards", unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=f"{dataset} shards", unit="img", dynamic_ncols=True) as bar:
         pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-
-        def record_progress():
-            atomic_write_json(progress_path, {"dataset": source.dataset, "prep_args": prep_args, "shards": progress}, indent=None)
-
         disk_full = False
         try:
-            results = pool.imap_unordered(write_one_shard, todo) if pool else map(write_one_shard, todo)
-            for record in results:
-                progress[record["name"]] = record
-                record_progress()
+            for record in pool.imap_unordered(write_one_shard, todo) if pool else map(write_one_shard, todo):
+                progress.add(record)
                 bar.update(record["count"] + len(record["skipped"]))
         except OSError as e:
             if e.errno != errno.ENOSPC:
@@ -136,16 +166,19 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
         if disk_full:
             # the other workers' partial shards may have taken the space the record needed: with
             # them swept, record the finished shards again so a re-run keeps them
-            if progress:
+            if progress.shards:
                 try:
-                    record_progress()
+                    progress.save()
                 except OSError:
                     pass
-            raise PrepError(_disk_full(out, progress, total, bar.n))
+            raise PrepError(_disk_full(out, progress.shards, total, bar.n))
 
+
+def _manifest(source, plan, records_by_name, channels, prep_args):
+    """The manifest: counts per split and class, each shard's count, sha256 and index, skipped inputs."""
     splits_meta, image_size, skipped = {}, source.size, [{"name": n, "reason": why} for n, why in source.skipped]
     for split in source.splits:
-        records = [progress[name] for name in plan[split]]
+        records = [records_by_name[name] for name in plan[split]]
         per_class = {}
         for r in records:
             image_size = image_size or r.get("image_size")
@@ -161,20 +194,8 @@ def write_shards(source, out, shard_size=1000, seed=0, workers=None, overwrite=F
     if not any(m["count"] for m in splits_meta.values()):
         first = f" (first: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
         raise PrepError(f"no readable images in {source.dataset}: {len(skipped)} inputs skipped{first}")
-    manifest = {
-        "format": FORMAT,
-        "dataset": source.dataset,
-        "image_size": image_size,
-        "channels": channels,
-        "class_names": source.class_names,
-        "splits": splits_meta,
-        "skipped": skipped,
-        "prep_args": prep_args,
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    if kept:
-        log.info("kept %d complete shard(s) from an earlier run", kept)
-    return manifest
+    return {"format": FORMAT, "dataset": source.dataset, "image_size": image_size, "channels": channels,
+            "class_names": source.class_names, "splits": splits_meta, "skipped": skipped, "prep_args": prep_args}
 
 
 def _index_ok(out, record):

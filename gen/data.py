@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .augment import random_mirror
 from .device_data import DeviceData
 from .shard_reader import ShardReader, rate_limited_warning
 from .shard_format import DataError, DecodeError
@@ -293,6 +294,39 @@ def load_real(shards, split, limit=None, seed=0):
 
 
 # ----------------------------------------------------------------------------- a training run's loader
+
+class TrainingBatches:
+    """This rank's share of the shards for a training run, continuing exactly where a checkpoint
+    left off (`saved`: its data positions, every rank's): micro-batches on the device as float in
+    [-1, 1] (mirrored with --data.hflip) in the modules' memory format. `position` is what a
+    checkpoint saves; uint8 crosses the bus, the conversion runs on the device."""
+
+    def __init__(self, cfg, accelerator, manifest, saved, memory_format):
+        d = cfg.data
+        self.device, self.hflip, self.memory_format = accelerator.device, d.hflip, memory_format
+        self.on_device = data_on_device(d.device_data, accelerator.device, manifest, d.split)
+        self.loader, self.stream, self.position = make_loader(
+            d.path, cfg.train.batch_size, seed=cfg.train.seed, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, workers=d.workers, split=d.split, shuffle_buffer=d.shuffle_buffer,
+            resampled=d.resampled, cache_mb=d.cache_mb, tracker_state=data_position_for_rank(saved, accelerator),
+            pin_memory=accelerator.device.type == "cuda", device=accelerator.device if self.on_device else None)
+        self.uint8 = iter(self.loader.loader)
+        self.workers = d.workers
+
+    def describe(self, ranks):
+        return (f"{len(self.stream.urls)} shards ({len(self.stream.index.indexed)} indexed), "
+                f"{ranks * max(1, self.workers)} loader slots, "
+                + ("decoded split on the device" if self.on_device else f"{self.workers} worker processes"))
+
+    def next(self):
+        batch = next(self.uint8)
+        self.position.update(batch["position"])
+        image = to_float(batch["image"].to(self.device, non_blocking=True))
+        if self.hflip:
+            image = random_mirror(image)
+        return {"image": image.contiguous(memory_format=self.memory_format),
+                "label": batch["label"].to(self.device, non_blocking=True)}
+
 
 def data_position_for_rank(saved, accelerator):
     """This rank's saved stream position. A checkpoint from another world size cannot continue

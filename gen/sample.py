@@ -137,6 +137,25 @@ def sampler_for(family, module, cfg, meta, device="cpu", seed=0, choose=True):
     return g
 
 
+class StepSampler:
+    """What a training run samples at a step (sampler_for), made at most once per step for the
+    grid, the evaluation and the checkpoint together, under its own RNG (the training stream is the
+    same with it or without). A VAE's mixture size is chosen where a checkpoint is written."""
+
+    def __init__(self, family, cfg, meta, device, rng_devices):
+        self.family, self.cfg, self.meta, self.device, self.rng_devices = family, cfg, meta, device, rng_devices
+        self.cache = {}
+
+    def at(self, step, module):
+        if step not in self.cache:
+            self.cache.clear()
+            tc = self.cfg.train
+            with torch.random.fork_rng(devices=self.rng_devices):
+                self.cache[step] = sampler_for(self.family, module, self.cfg, self.meta, self.device, seed=tc.seed,
+                                               choose=step % tc.ckpt_every == 0 or step == tc.steps)
+        return self.cache[step]
+
+
 def _labels_of(family, module):
     return lambda n, generator: family.draw_labels(module, n, generator)
 

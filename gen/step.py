@@ -72,6 +72,18 @@ def add_into(sums, metrics):
         sums[k] = sums[k] + v if k in sums else v
 
 
+def learning_rates(family, step, cfg):
+    """{module name: learning rate} at this step (the schedule times the family's base rates)."""
+    return {name: base * lr_factor(step, cfg) for name, base in family.base_lr.items()}
+
+
+def set_learning_rates(prepared, family, step, cfg):
+    rates = learning_rates(family, step, cfg)
+    for name, opt in prepared.optimizers.items():
+        for group in opt.param_groups:
+            group["lr"] = rates[name]
+
+
 def lr_factor(step, cfg):
     warm = min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else 1.0
     if cfg.optim.schedule == "cosine":

@@ -47,6 +47,16 @@ def new_run_id():
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def start(accelerator, cfg, config_dict, state):
+    """W&B for a training run (main process), or None when off: the same run id across resumes
+    (kept in the checkpointed state). Returns the mode."""
+    mode = wandb_mode(cfg.log.wandb)
+    if mode:
+        state.wandb_run_id = state.wandb_run_id or new_run_id()
+        init(accelerator, cfg, config_dict, state.wandb_run_id, mode)
+    return mode
+
+
 def init(accelerator, cfg, config_dict, run_id, mode):
     """Start (or continue, same id) the W&B run through Accelerate's tracker."""
     name = cfg.log.name or Path(cfg.train.run_dir).name

@@ -27,10 +27,9 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_s
 from tqdm import tqdm
 
 from . import checkpoint, tracking
-from .augment import random_mirror
 from .claim import claim_run_dir
 from .config import to_dict, validate
-from .data import data_on_device, data_position_for_rank, load_real, make_loader, to_float
+from .data import TrainingBatches, load_real
 from .ema import EMA
 from .errors import one_line
 from .families import build_family
@@ -38,9 +37,9 @@ from .latent_prior import FIT_IMAGES
 from .metrics import Evaluator
 from .monitor import Monitor, NonFiniteLoss, TrainingDiverged, status_line  # noqa: F401 (their home for callers)
 from .run_dir import RunDir
-from .sample import sampler_for, save_grid
+from .sample import StepSampler, save_grid
 from .shard_format import read_manifest
-from .step import lr_factor, prepare, run_phases
+from .step import learning_rates, prepare, run_phases, set_learning_rates
 
 log = logging.getLogger("gen.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -104,24 +103,19 @@ class Run:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.cfg, tc = cfg, cfg.train
         self.config_dict = to_dict(cfg)
-        # without a GPU, Accelerate only forms a (gloo) process group when told cpu=True
-        cpu = tc.cpu or not torch.cuda.is_available()
-        self.precision = resolve_precision(tc.mixed_precision, cpu)
-        self.accelerator = acc = Accelerator(
-            mixed_precision=self.precision, log_with=None if cfg.log.wandb == "off" else "wandb", cpu=cpu,
-            kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)],
-            **({"dynamo_backend": "inductor"} if tc.compile else {}))
+        self.accelerator, self.precision = make_accelerator(cfg)
         set_seed(tc.seed, device_specific=True)  # each rank its own noise; DDP makes the weights equal
-        self.main = acc.is_main_process
+        self.main = self.accelerator.is_main_process
         # data shape and classes from the shards' manifest; the family checks the image size
         self.manifest = read_manifest(cfg.data.path)
         self.shape = (self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"])
         self.num_classes = len(self.manifest.get("class_names") or [])
+        self.meta = {"shape": list(self.shape), "num_classes": self.num_classes,
+                     "class_names": self.manifest.get("class_names")}  # a checkpoint's, with the config
         self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes, mixed_precision=self.precision)
         self.run_dir = RunDir(tc.run_dir)
-        self.claim = self.prepared = self.ema = self.loader = self.data_iter = self.bar = self.evaluator = None
+        self.claim = self.prepared = self.ema = self.batches = self.bar = self.evaluator = None
         self.last_ckpt = self.stopped_by = self.mode = self.monitor = None
-        self.sampler_cache = {}
 
     @property
     def step(self):
@@ -150,10 +144,7 @@ class Run:
         self.resume()
         self.open_data()
         # W&B on the main process, the same run id across resumes; metrics.jsonl beside it
-        self.mode = tracking.wandb_mode(cfg.log.wandb) if self.main else None
-        if self.mode:
-            self.state.wandb_run_id = self.state.wandb_run_id or tracking.new_run_id()
-            tracking.init(acc, cfg, self.config_dict, self.state.wandb_run_id, self.mode)
+        self.mode = tracking.start(acc, cfg, self.config_dict, self.state) if self.main else None
         if cfg.eval.every > 0 and self.main:  # under its own RNG, as above
             with torch.random.fork_rng(devices=self.rng_devices):
                 self.evaluator = Evaluator(cfg.data.path, n=cfg.eval.n, space=cfg.eval.space, seed=cfg.eval.seed,
@@ -161,6 +152,7 @@ class Run:
         self.bar = tqdm(total=tc.steps, initial=self.state.step, disable=not self.main, dynamic_ncols=True,
                         unit="step", mininterval=1.0)
         self.monitor = Monitor(acc, self.family, self.state, tc.batch_size * tc.grad_accum * acc.num_processes)
+        self.sampler = StepSampler(self.family, cfg, self.meta, acc.device, self.rng_devices)
 
     def resume(self):
         """Load the checkpoint the claim chose, if any. A branch off an older checkpoint (newer ones
@@ -179,40 +171,17 @@ class Run:
 
     def open_data(self):
         """This rank's share of the shards, continuing exactly where the checkpoint left off."""
-        cfg, acc, d = self.cfg, self.accelerator, self.cfg.data
-        on_device = data_on_device(d.device_data, acc.device, self.manifest, d.split)
-        self.loader, self.stream, self.position = make_loader(
-            d.path, cfg.train.batch_size, seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
-            workers=d.workers, split=d.split, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-            cache_mb=d.cache_mb, tracker_state=data_position_for_rank(self.state.data, acc),
-            pin_memory=acc.device.type == "cuda", device=acc.device if on_device else None)
-        self.data_iter = iter(self.loader.loader)  # uint8 batches
+        acc = self.accelerator
+        self.batches = TrainingBatches(self.cfg, acc, self.manifest, self.state.data, self.memory_format)
         # every rank says where it stands: the first place to look when one rank hangs or lags
-        log.info("rank %d/%d on %s (%s, precision %s): %d shards (%d indexed), %d loader slots, %s", acc.process_index,
-                 acc.num_processes, socket.gethostname(), acc.device, self.precision, len(self.stream.urls),
-                 len(self.stream.index.indexed), acc.num_processes * max(1, d.workers),
-                 "decoded split on the device" if on_device else f"{d.workers} worker processes")
-
-    def micro_batch(self):
-        batch = next(self.data_iter)
-        self.position.update(batch["position"])
-        device = self.accelerator.device
-        image = to_float(batch["image"].to(device, non_blocking=True))  # uint8 crosses the bus
-        if self.cfg.data.hflip:
-            image = random_mirror(image)
-        return {"image": image.contiguous(memory_format=self.memory_format),
-                "label": batch["label"].to(device, non_blocking=True)}
-
-    def lr(self, name, step):
-        return self.family.base_lr[name] * lr_factor(step, self.cfg)
+        log.info("rank %d/%d on %s (%s, precision %s): %s", acc.process_index, acc.num_processes, socket.gethostname(),
+                 acc.device, self.precision, self.batches.describe(acc.num_processes))
 
     def optimizer_step(self):
         """One optimizer step per phase over grad_accum micro-batches, the EMA, the step count;
         the losses are summed on the device (no host sync)."""
-        for name, opt in self.prepared.optimizers.items():
-            for group in opt.param_groups:
-                group["lr"] = self.lr(name, self.state.step)
-        micro_batches = [self.micro_batch() for _ in range(self.cfg.train.grad_accum)]
+        set_learning_rates(self.prepared, self.family, self.state.step, self.cfg)
+        micro_batches = [self.batches.next() for _ in range(self.cfg.train.grad_accum)]
         losses = run_phases(self.family, self.prepared, micro_batches, self.state.step, self.accelerator,
                             self.cfg.optim.grad_clip)
         if self.ema:
@@ -226,28 +195,18 @@ class Run:
 
     def log(self, step):
         """Means since the last log, speed and data position: console, metrics.jsonl, W&B."""
-        record = self.monitor.metrics(step, {n: self.lr(n, step - 1) for n in self.family.modules}, self.position)
+        position = self.batches.position
+        record = self.monitor.metrics(step, learning_rates(self.family, step - 1, self.cfg), position)
         if self.main:
             self.bar.set_postfix({"img/s": f"{record['perf/img_per_s']:.0f}"}, refresh=False)
-            self.bar.write(status_line(step, self.cfg.train.steps, self.position.epoch, record))
+            self.bar.write(status_line(step, self.cfg.train.steps, position.epoch, record))
             self.run_dir.append_metrics({"step": step, **record})
         if self.mode:
             self.accelerator.log(record, step=step)
 
     def sampler_at(self, step):
-        """What is sampled at this step (gen.sample.sampler_for, the one policy): the EMA weights
-        with BatchNorm statistics of their own, and the family's latent prior; made at most once
-        per step for the grid, the evaluation and the checkpoint together, under its own RNG."""
-        if step not in self.sampler_cache:
-            self.sampler_cache.clear()
-            tc = self.cfg.train
-            module = self.ema.module if self.ema else self.family.modules[self.family.ema_target]
-            meta = {"shape": list(self.shape), "num_classes": self.num_classes,
-                    "class_names": self.manifest.get("class_names")}
-            with torch.random.fork_rng(devices=self.rng_devices):
-                self.sampler_cache[step] = sampler_for(self.family, module, self.cfg, meta, self.accelerator.device,
-                                                       seed=tc.seed, choose=step % tc.ckpt_every == 0 or step == tc.steps)
-        return self.sampler_cache[step]
+        """What is sampled at this step: the EMA weights (or the live ones) as gen.sample.StepSampler makes them."""
+        return self.sampler.at(step, self.ema.module if self.ema else self.family.modules[self.family.ema_target])
 
     def sample_grid(self, step):
         """The grid of fixed latents (and labels: the family's sample_labels)."""
@@ -278,9 +237,8 @@ class Run:
     def save(self, step):
         with self.monitor.paused():
             self.monitor.count_elapsed()  # the wall time up to here is the checkpoint's
-            self.state.data = gather_object([self.position.state_dict()])  # every rank's stream position, by rank
-            meta = {"config": self.config_dict, "shape": list(self.shape), "num_classes": self.num_classes,
-                    "class_names": self.manifest.get("class_names"), "wandb_run_id": self.state.wandb_run_id}
+            self.state.data = gather_object([self.batches.position.state_dict()])  # every rank's stream position, by rank
+            meta = dict(self.meta, config=self.config_dict, wandb_run_id=self.state.wandb_run_id)
             self.last_ckpt = checkpoint.save(self.accelerator, self.run_dir.path, step, meta, self.cfg.train.keep_last,
                                              lambda: self.sampler_at(step))
 
@@ -290,20 +248,12 @@ class Run:
             self.bar.write(f"stop signal: checkpoint saved at step {self.step} -> {self.last_ckpt}")
 
     def close(self, keep_process_group):
-        """Drop the DDP wrappers (they own the process group) and the loader's workers while Python
-        is fully alive: a gloo thread freeing the last tensor during interpreter exit aborts the
-        process ("terminate called without an active exception"). Then release the run dir."""
         try:
             if self.bar:
                 self.bar.close()
             if self.prepared:
-                self.prepared, self.data_iter, self.loader = None, None, None
-                self.accelerator.free_memory()  # drops Accelerate's references, then gc.collect()
-                if keep_process_group:  # the caller still talks to the other ranks
-                    for tracker in self.accelerator.trackers:
-                        tracker.finish()
-                else:
-                    self.accelerator.end_training()
+                self.prepared, self.batches = None, None
+                release(self.accelerator, keep_process_group)
         finally:
             if self.claim and self.claim.lock:
                 self.claim.lock.release()
@@ -345,6 +295,29 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def make_accelerator(cfg):
+    """(Accelerator, the precision it runs): without a GPU, Accelerate forms a (gloo) process group
+    only when told cpu=True."""
+    tc = cfg.train
+    cpu = tc.cpu or not torch.cuda.is_available()
+    precision = resolve_precision(tc.mixed_precision, cpu)
+    return Accelerator(mixed_precision=precision, log_with=None if cfg.log.wandb == "off" else "wandb", cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)],
+                       **({"dynamo_backend": "inductor"} if tc.compile else {})), precision
+
+
+def release(accelerator, keep_process_group):
+    """Drop the DDP wrappers (they own the process group) and the loader's workers while Python is
+    fully alive: a gloo thread freeing the last tensor during interpreter exit aborts the process
+    ("terminate called without an active exception")."""
+    accelerator.free_memory()  # drops Accelerate's references, then gc.collect()
+    if keep_process_group:  # the caller still talks to the other ranks
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
 
 
 def resolve_precision(setting, cpu):
