@@ -22,15 +22,66 @@ SHARED = ROOT.parent / "shared"
 POKEMON_ZIP = SHARED / "datasets" / "pokemon-819-128px.zip"
 
 
-def run(args, env=None, timeout=600, cwd=None, check=False):
-    """Run `python -m ...` like a user; returns CompletedProcess with text output."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=cwd or ROOT)
+# commands a test runs in its own process unless a real process is the point: jobs.X.main(argv)
+# with captured output costs no interpreter start-up and no ~4 s of imports
+IN_PROCESS = ("jobs.train", "jobs.sample", "jobs.export", "jobs.evaluate", "jobs.compare", "data_prep")
+
+
+def run(args, env=None, timeout=600, cwd=None, check=False, process=False):
+    """Run `python -m ...` like a user; returns CompletedProcess with text output. Our commands
+    (IN_PROCESS) run in this process, through the same main(argv) and exit code a user's process
+    gets, unless `process` (signals, kill -9, DDP, a fresh interpreter are the point) or `cwd` is
+    given; DEEPGEN_TEST_PROCESSES=1 runs every one in its own process."""
+    if (not process and cwd is None and args[:1] == ["-m"] and args[1] in IN_PROCESS
+            and not os.environ.get("DEEPGEN_TEST_PROCESSES")):
+        proc = run_in_process(args[1], args[2:], env)
+    else:
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+        full_env.update(env or {})
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                              cwd=cwd or ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_in_process(module, argv, env=None):
+    """module.main(argv) here, as `python -m module argv` would run it: the environment (env, and
+    offline W&B), stdout, stderr and the log lines captured, an uncaught exception printed as its
+    traceback with exit code 1, SystemExit's code kept; Accelerate's per-process state reset."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import traceback
+
+    from accelerate.state import AcceleratorState
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = dict(os.environ)
+    os.environ.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})})
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    AcceleratorState._reset_state(True)  # one precision per process: a run before may have used another
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(f"{module}.__main__" if module == "data_prep" else module).main(argv)
+            except SystemExit as e:  # argparse: --help, a bad option
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # a bug: its traceback, as a process would print it
+                traceback.print_exc()
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        AcceleratorState._reset_state(True)
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def free_port():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import (TINY, assert_same, job_running, launch2, logs, metrics, run, state_files, submit, train_args,
+from helpers import (ROOT, TINY, assert_same, job_running, launch2, logs, metrics, run, state_files, submit, train_args,
                      wait_done, wait_for_step)
 
 pytestmark = [pytest.mark.slurm,
@@ -34,8 +34,11 @@ def test_preemption_checkpoints_requeues_and_matches_an_uninterrupted_run(mnist_
     steps = 150
     extra = ["--train.log_every", "5", "--train.ckpt_every", "1000", "--train.sample_every", "1000"]
     reference = tmp_path / "reference"
-    proc = run([*launch2(), "-m", "jobs.train", *train_args(mnist_shards, reference, steps, *extra)], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the uninterrupted reference runs beside the job (it mostly waits: for SLURM, the requeue)
+    ref = subprocess.Popen([sys.executable, *launch2(), "-m", "jobs.train",
+                            *train_args(mnist_shards, reference, steps, *extra)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=dict(os.environ, WANDB_MODE="offline"))
 
     run_dir = tmp_path / "preempted"
     # timeout >= 60 min: below ~50, submitit counts every USR2 as a timeout (../shared/slurm/README.md)
@@ -50,6 +53,8 @@ def test_preemption_checkpoints_requeues_and_matches_an_uninterrupted_run(mnist_
     assert saved and 10 <= int(saved.group(1)) < steps, text[-3000:]
     assert f"checkpoint-{int(saved.group(1)):07d} at step {saved.group(1)}" in text  # resumed, not restarted
     assert [m["step"] for m in metrics(run_dir)][-1] == steps
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
     assert_same(state_files(reference / f"checkpoints/checkpoint-{steps:07d}"),
                 state_files(run_dir / f"checkpoints/checkpoint-{steps:07d}"))
 
