@@ -247,6 +247,7 @@ def main():
                    help="the FID curve's interval (default: 8 points; 500 steps with --minutes, evaluations included)")
     p.add_argument("--preset-args", default="", metavar="ARGS",
                    help='extra jobs.train arguments for every preset (not the baselines), e.g. --preset-args="--data.hflip" (with =)')
+    p.add_argument("--no-baseline", action="store_true", help="the presets alone (a preset's change against its last figure)")
     p.add_argument("--gpu", action="store_true", help="the presets' own widths and batch sizes (not the CPU settings)")
     p.add_argument("--pokemon-zip", default=str(POKEMON_ZIP))
     p.add_argument("--pokemon-data", default=None, help="Pokémon shards this bench wrote before (their train/test split)")
@@ -276,6 +277,7 @@ def main():
             ours_extra = ours_extra + ([] if args.gpu else CPU_SIZES[name]) + args.preset_args.split()
             # with a time budget the preset goes first and sets the images its baseline then sees
             runs = [(ours, ours_extra), (base, base_extra)] if args.minutes else [(base, base_extra), (ours, ours_extra)]
+            runs = [(ours, ours_extra)] if args.no_baseline else runs
             pair_results = []
             for preset, extra in runs:
                 label = label_of(preset, extra)
@@ -302,7 +304,8 @@ def main():
             pair_results.sort(key=lambda r: r["preset"] != base)  # baseline first in the table and grid
             columns += [r.pop("grid") for r in pair_results if "grid" in r]
             results += [r for r in pair_results if r not in results]
-            pairs.append(tuple(pair_results))
+            if len(pair_results) == 2:
+                pairs.append(tuple(pair_results))
         real, _ = load_real(str(data), "train", limit=64, seed=1)
         write_grid(out / f"grid-{name}.png", feats.to_float(real), columns)
     import torch

@@ -91,6 +91,8 @@ class Monitor:
                        "perf/ms_per_step": 1000 * train_s / self.window_steps, "time/elapsed_s": self.state.elapsed,
                        "data/images_seen": step * self.images_per_step, "data/epoch": position.epoch,
                        "data/skipped": position.skipped, "data/read_MB": position.bytes_read / 2**20})
+        if self.device.type == "cuda":  # what to ask SLURM for (--mem-gb is the host's; this is the GPU's)
+            record["perf/gpu_peak_MB"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.window_t, self.paused_s, self.window_steps, self.sums = time.perf_counter(), 0.0, 0, {}
         return record
 
