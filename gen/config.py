@@ -95,7 +95,11 @@ class TrainConfig:
     keep_last: int = 3              # checkpoints kept
     ddp_bucket_mb: int = 25         # DDP gradient bucket size: larger buckets, fewer all-reduce calls (docs/scaling.md)
     check_every: int = 25           # steps between host syncs: non-finite losses and stop signals (always before a save)
-    compile: bool = False           # torch.compile the prepared modules (GPU)
+    # each wrapped module's forward and backward as one graph (inductor: C++ on a CPU, Triton on a GPU);
+    # the plain modules stay eager for R1's double backward and for sampling. Compiled once per process
+    compile: bool = False           # torch.compile the modules the step runs through
+    # reduce-overhead: CUDA graphs (GPU); max-autotune: also tries kernel configurations (slow to compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
     channels_last: bool = False     # NHWC memory format for modules and batches (faster convolutions)
     # auto: the newest valid checkpoint in run_dir (none there: a fresh start); none: a fresh start,
     # refused where run_dir holds checkpoints; restart: a fresh start, the earlier run's files moved

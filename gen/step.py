@@ -14,10 +14,21 @@ class Prepared:
     optimizers: dict
 
 
-def prepare(accelerator, family):
+def prepare(accelerator, family, compile_mode=None):
+    """The family's modules and optimizers through accelerator.prepare; with `compile_mode`, each
+    wrapped module torch.compiled (its forward and backward one graph each, split by DDP at its
+    buckets). The plain modules stay eager: R1's double backward and sampling run through them."""
     names = list(family.modules)
     wrapped = accelerator.prepare(*family.modules.values(), *(family.optimizers[n] for n in names))
-    return Prepared(dict(zip(names, wrapped[:len(names)])), dict(zip(names, wrapped[len(names):])))
+    nets = dict(zip(names, wrapped[:len(names)]))
+    if compile_mode:
+        import torch
+        import torch._inductor.config
+        # random ops in a compiled graph draw from torch's generator, not inductor's own: the same
+        # noise as the eager step (a VAE's reparameterisation), and a resume restores it
+        torch._inductor.config.fallback_random = True
+        nets = {n: torch.compile(net, mode=None if compile_mode == "default" else compile_mode) for n, net in nets.items()}
+    return Prepared(nets, dict(zip(names, wrapped[len(names):])))
 
 
 def run_phases(family, prepared, micro_batches, step, accelerator, max_norm):

@@ -134,7 +134,7 @@ class Run:
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         for m in self.family.modules.values():
             m.to(memory_format=self.memory_format)
-        self.prepared = prepare(acc, self.family)
+        self.prepared = prepare(acc, self.family, compile_mode=tc.compile_mode if tc.compile else None)
         # EMA and the loop's own state are checkpointed with the models
         if cfg.model.ema_decay > 0:
             self.ema = EMA(self.family.modules[self.family.ema_target], cfg.model.ema_decay)
@@ -304,8 +304,7 @@ def make_accelerator(cfg):
     cpu = tc.cpu or not torch.cuda.is_available()
     precision = resolve_precision(tc.mixed_precision, cpu)
     return Accelerator(mixed_precision=precision, log_with=None if cfg.log.wandb == "off" else "wandb", cpu=cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)],
-                       **({"dynamo_backend": "inductor"} if tc.compile else {})), precision
+                       kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)]), precision
 
 
 def release(accelerator, keep_process_group):

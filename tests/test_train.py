@@ -66,6 +66,7 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
 @pytest.mark.parametrize("precision,extra", [
     ("no", []), ("bf16", []),
     ("no", ["--model.arch", "dcgan", "--model.d-batchnorm", "--model.no-spectral-norm"]),  # D runs twice per step
+    ("no", ["--train.compile"]),  # torch.compile under DDP (tests/test_compile.py: the compiled step itself)
 ])
 def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precision, extra):
     out = tmp_path / "ranks.json"
