@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU check of the training step (issue: loop correct and fast on GPUs), run on a GPU machine
-# from the repo root with the Pokémon zip at .gpu/ and wheels at .whl/ (machines without network):
-#   bash bench/gpu_step.sh [OUT_DIR]          # PROFILE_ONLY=1: just the profiles (~5 min)
-# 0. profile_step per preset (bf16) and fp32 with TF32 on/off: top kernels, launches per step, FLOPs,
-#    TFLOP/s, loop vs bare reference step;
-# 1. bench_step --matrix on the 819 Pokémon at 64 px: img/s for gan/vae x fp32/bf16/fp16
-#    (+ channels_last, torch.compile with bf16), beside the loader's own img/s;
-# 2. fp16 with its grad scaler: finite losses, scaler state in the checkpoint, resume k+k vs 2k.
+# The GPU step, measured in one call (issue 36), on a GPU machine from the repo root with the
+# Pokémon zip at .gpu/ and wheels at .whl/ (machines without network):
+#   bash bench/gpu_step.sh [OUT_DIR]        # ~8-9 min on an H200; PROFILE_ONLY=1: the profiles alone (~3 min)
+# 0. the card (nvidia-smi) and the estimate of each preset's memory (bench/gpu_memory_estimate.py);
+# 1. bench/profile_step.py per preset at 64 px, bf16, its own batch and width: top kernels, launches
+#    per step, FLOPs per image, TFLOP/s, the loop against a bare PyTorch step of the same nets;
+# 2. bench/gpu_sweep.py: images/s and peak memory of the real loop over batch sizes (64 -> 1024),
+#    eager vs torch.compile vs CUDA graphs (reduce-overhead), bf16 and fp32 (TF32), with the share
+#    of the card's peak from step 1's FLOPs;
+# 3. (SKIP_FP16 unset) fp16 with its grad scaler: finite losses, the scaler in the checkpoint, k + k vs 2k.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu-out}}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,24 +17,24 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 WANDB_MODE=disabled DEEPGEN_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -m data_prep folder .gpu/pokemon-819-128px.zip --out /tmp/poke64 --size 64 2>&1 | tail -1
-# issue 24: the real loop profiled beside the bare reference step, each preset at its own batch and
-# width, 64 px, bf16; then fp32 with TF32 on and off (bench/profile_step.py; JSON beside each log)
+python3 bench/gpu_memory_estimate.py --size 64 > "$OUT/memory-estimate.txt" 2>&1
 if [ -z "${SKIP_PROFILE:-}" ]; then
   for preset in gan-small-data gan vae; do
-    python3 bench/profile_step.py --preset "$preset" --data /tmp/poke64 --precision bf16 --steps 120 --warmup 40 \
+    python3 bench/profile_step.py --preset "$preset" --data /tmp/poke64 --precision bf16 --steps 80 --warmup 30 \
         --out "$OUT/profile-$preset.json" 2>&1 | grep -v "step/s" | tee "$OUT/profile-$preset.txt" | tail -4
-  done
-  for tf32 in on off; do
-    python3 bench/profile_step.py --preset gan-small-data --data /tmp/poke64 --precision no --tf32 $tf32 \
-        --steps 80 --warmup 30 --out "$OUT/profile-fp32-tf32-$tf32.json" 2>&1 | tail -1
   done
 fi
 [ -n "${PROFILE_ONLY:-}" ] && exit 0
-if [ -z "${SKIP_MATRIX:-}" ]; then
-  python3 bench/bench_step.py --matrix --data /tmp/poke64 --batch-size 128 --width 64 --steps 100 --workers 4 2>&1 | tee "$OUT/matrix.txt"
-  # a 4x larger batch: the GPU share of the step grows (fp32 convolutions already run as TF32)
-  python3 bench/bench_step.py --matrix --data /tmp/poke64 --batch-size 512 --width 64 --steps 60 --workers 6 \
-      --presets gan --precision-only 2>&1 | tee "$OUT/matrix512.txt"
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  # what fills the card: the small-data preset over batches and compile modes, the others at two batches
+  python3 bench/gpu_sweep.py --data /tmp/poke64 --presets gan-small-data --batch-sizes 64 256 1024 \
+      --precisions bf16 --compile off default reduce-overhead --steps 60 --peak-tflops ${PEAK_TFLOPS:-989} \
+      --flops-json "$OUT"/profile-*.json --out "$OUT/sweep-small-data.json" -- --data.workers 6 2>&1 | tee "$OUT/sweep-small-data.txt" | tail -12
+  python3 bench/gpu_sweep.py --data /tmp/poke64 --presets gan vae --batch-sizes 128 1024 --precisions bf16 \
+      --compile off default --steps 60 --peak-tflops ${PEAK_TFLOPS:-989} --flops-json "$OUT"/profile-*.json \
+      --out "$OUT/sweep-gan-vae.json" -- --data.workers 6 2>&1 | tee "$OUT/sweep-gan-vae.txt" | tail -10
+  python3 bench/gpu_sweep.py --data /tmp/poke64 --presets gan-small-data --batch-sizes 256 --precisions no \
+      --compile off --steps 60 --out "$OUT/sweep-fp32.json" -- --data.workers 6 2>&1 | tail -4 | tee "$OUT/sweep-fp32.txt"
 fi
 [ -n "${SKIP_FP16:-}" ] && exit 0
 # fp16: 2k steps straight vs k + resume + k

@@ -236,25 +236,13 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
     try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            g = sampler()
-            write_weights(g.module, tmp / SAMPLING_WEIGHTS)
-            meta = dict(meta, deepgen_version=__version__, step=step, path=str(final), sampling_weights=SAMPLING_WEIGHTS,
-                        batch_stats=g.meta["batch_stats"])
-            if g.prior is not None:
-                write_tensors(g.prior, tmp / LATENT_PRIOR)
-                meta["latent_prior"] = LATENT_PRIOR
+            meta = write_sampled(tmp, sampler(), dict(meta, step=step, path=str(final)))
     except Exception as e:  # a full disk: OSError, torch's RuntimeError ("file write failed"), SafetensorError
         error = one_line(e)
     errors = _all_errors(accelerator, error)  # also: every rank's files are written before they are sealed
     if not errors and accelerator.is_main_process:
-        try:  # durable before visible: every file, meta.json and the folder on disk before the rename
-            for p in tmp.iterdir():
-                fsync_path(p)
-            with open(tmp / "meta.json", "w") as f:
-                json.dump(sealed(dict(meta, files=file_records(tmp))), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_path(tmp)
+        try:
+            seal(tmp, meta)
         except Exception as e:
             error = one_line(e)
     errors = errors or _all_errors(accelerator, error)
@@ -273,6 +261,48 @@ def save(accelerator, run_dir, step, meta, keep_last, sampler):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def write_sampled(folder, g, meta):
+    """What sampler `g` samples into `folder`: its module's weights (sampling.safetensors) and a
+    VAE's latent mixture (latent_prior.safetensors). Returns meta naming them."""
+    write_weights(g.module, folder / SAMPLING_WEIGHTS)
+    meta = dict(meta, deepgen_version=__version__, sampling_weights=SAMPLING_WEIGHTS, batch_stats=g.meta["batch_stats"])
+    if g.prior is not None:
+        write_tensors(g.prior, folder / LATENT_PRIOR)
+        meta["latent_prior"] = LATENT_PRIOR
+    return meta
+
+
+def seal(folder, meta):
+    """Durable before visible: every file, then meta.json with their sizes and sha256s, then the
+    folder itself on disk, before the caller renames it into place."""
+    for p in folder.iterdir():
+        fsync_path(p)
+    with open(folder / "meta.json", "w") as f:
+        json.dump(sealed(dict(meta, files=file_records(folder))), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(folder)
+
+
+def save_best(run_dir, g, meta):
+    """--eval.keep_best: what `g` samples, alone (no training state), as RUN/checkpoints/best: a
+    folder every command reads as a checkpoint (jobs.sample/evaluate/export), never pruned. The
+    new one is complete before it replaces the old; a kill between the two renames leaves the old
+    one as checkpoints/.old-best."""
+    best = RunDir(run_dir).best
+    tmp, old = best.with_name(".tmp-best"), best.with_name(".old-best")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    seal(tmp, write_sampled(tmp, g, meta))
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    fsync_path(best.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
 
 
 def prunable(run_dir, step, keep_last):

@@ -94,6 +94,9 @@ class TrainConfig:
     ckpt_every: int = 500           # checkpoint interval (and always at the end or on a stop signal)
     keep_last: int = 3              # checkpoints kept
     ddp_bucket_mb: int = 25         # DDP gradient bucket size: larger buckets, fewer all-reduce calls (docs/scaling.md)
+    # gradients cast to bf16/fp16 for the all-reduce, then back: half the bytes across nodes (docs/scaling.md);
+    # the ranks still agree bit for bit, but the update differs from an fp32 all-reduce's in the last bits
+    ddp_comm_hook: Literal["no", "bf16", "fp16"] = "no"  # compress DDP's gradient all-reduce
     check_every: int = 25           # steps between host syncs: non-finite losses and stop signals (always before a save)
     # each wrapped module's forward and backward as one graph (inductor: C++ on a CPU, Triton on a GPU);
     # the plain modules stay eager for R1's double backward and for sampling. Compiled once per process
@@ -127,6 +130,8 @@ class EvalConfig:
     n: int = 2000                   # samples (and real images) per evaluation: small n biases FID up
     space: Literal["domain", "inception"] = "domain"  # feature space (see python -m jobs.evaluate)
     seed: int = 0                   # the evaluation's own RNG: the training stream is unchanged
+    # the last checkpoint stays the last; this one is kept beside it, under its own name
+    keep_best: bool = False         # keep what was sampled at the lowest FID as RUN/checkpoints/best
 
 
 @dataclass
@@ -237,6 +242,7 @@ def validate(cfg):
         (o.warmup_steps >= 0, f"--optim.warmup_steps {o.warmup_steps}: must be 0 or more"),
         (e.every >= 0, f"--eval.every {e.every}: must be 0 (off) or more"),
         (e.n >= 2, f"--eval.n {e.n}: must be at least 2"),
+        (not e.keep_best or e.every > 0, "--eval.keep_best needs --eval.every N (the FID curve it keeps the best of)"),
         (cfg.log.num_samples >= 1, f"--log.num_samples {cfg.log.num_samples}: must be at least 1"),
         (m.self_condition == 0 or m.self_condition >= 2, f"--model.self_condition {m.self_condition}: 0 (off) or at least 2 clusters"),
         (m.self_condition == 0 or m.family == "gan", "--model.self_condition is for GANs"),

@@ -6,6 +6,7 @@ Used by jobs.evaluate, the report (jobs.compare) and bench/quality.py.
 """
 import time
 
+from . import checkpoint
 from . import features as feats
 from .metrics import Evaluator, scores
 from .run_dir import RunDir
@@ -67,3 +68,29 @@ def evaluate_run(run, data=None, n=10000, space="auto", seed=0, inception_weight
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     return results, ev, g
+
+
+class TrainingEvaluation:
+    """--eval.every: FID/KID (and legibility) of what a training run samples, against the real
+    features computed once (at construction, under the caller's RNG fork); with --eval.keep_best,
+    the sampled model at the lowest FID so far kept as RUN/checkpoints/best (checkpoint.save_best)."""
+
+    def __init__(self, cfg, device):
+        e = cfg.eval
+        self.cfg, self.seed, self.keep_best = cfg, e.seed, e.keep_best
+        self.evaluator = Evaluator(cfg.data.path, n=e.n, space=e.space, seed=e.seed, device=device,
+                                   split=cfg.data.split, with_prdc=False)
+
+    def __call__(self, step, g, state, meta, run_dir):
+        """(the metrics record, the console line) of sampler g at this step."""
+        ev = self.evaluator
+        result = ev.score(g.sample(ev.n, seed=self.seed))
+        record = {"step": step, "time/elapsed_s": state.elapsed,
+                  **{f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}}
+        line = (f"eval at step {step}: FID {result['fid']:.3f} (real vs real {ev.floors['real_vs_real']['fid']:.3f})"
+                + (f", legibility {result['legibility']:.3f}" if "legibility" in result else "") + f" [{ev.space}]")
+        if self.keep_best and result["fid"] < state.best_fid:
+            state.best_fid = record["eval/best_fid"] = result["fid"]
+            checkpoint.save_best(run_dir, g, dict(meta, step=step, fid=result["fid"], space=ev.space))
+            line += " (best so far: checkpoints/best)"
+        return record, line

@@ -7,6 +7,8 @@ asks RunDir for the path.
     RUN/samples/step-NNNNNNN.png         the training-time grids
     RUN/checkpoints/checkpoint-NNNNNNN/  complete checkpoints (gen.checkpoint); damaged ones are
                                          renamed damaged-checkpoint-NNNNNNN
+    RUN/checkpoints/best/                --eval.keep_best: what was sampled at the lowest FID
+                                         (weights, no training state), never pruned
     RUN/latent_prior/step-NNNNNNN-KEY.safetensors  VAE mixtures fitted for checkpoints that predate
                                          latent_prior.safetensors, or for other shards (gen.latent_prior)
     RUN/eval/metrics.json                jobs.evaluate's scores
@@ -77,6 +79,8 @@ class RunDir:
     final = property(lambda self: self.path / "final")
     slurm_logs = property(lambda self: self.path / "slurm" / "%j")
 
+    best = property(lambda self: self.checkpoint_root / "best")  # --eval.keep_best: the sampled model at the best FID
+
     def grid(self, step):
         return self.samples / f"step-{step:07d}.png"
 
@@ -121,6 +125,9 @@ class RunDir:
         for step, path in self.checkpoints(all_kinds=True):
             if step > newer_than:
                 path.rename(aside.checkpoint_root / path.name)
+        best_meta = self.best / "meta.json"
+        if best_meta.is_file() and json.loads(best_meta.read_text()).get("step", 0) > newer_than:
+            self.best.rename(aside.best)
         for grid in self.samples.glob("step-*.png") if self.samples.is_dir() else ():
             m = GRID_RE.match(grid.name)
             if m and int(m.group(1)) > newer_than:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
 from . import checkpoint, tracking
@@ -34,7 +34,7 @@ from .ema import EMA
 from .errors import one_line
 from .families import build_family
 from .latent_prior import FIT_IMAGES
-from .metrics import Evaluator
+from .evaluation import TrainingEvaluation
 from .monitor import Monitor, NonFiniteLoss, TrainingDiverged, status_line  # noqa: F401 (their home for callers)
 from .run_dir import RunDir
 from .sample import StepSampler, save_grid
@@ -114,7 +114,7 @@ class Run:
                      "class_names": self.manifest.get("class_names")}  # a checkpoint's, with the config
         self.family = build_family(cfg.model, cfg.optim, self.shape, self.num_classes, mixed_precision=self.precision)
         self.run_dir = RunDir(tc.run_dir)
-        self.claim = self.prepared = self.ema = self.batches = self.bar = self.evaluator = None
+        self.claim = self.prepared = self.ema = self.batches = self.bar = self.evaluation = None
         self.last_ckpt = self.stopped_by = self.mode = self.monitor = None
 
     @property
@@ -147,8 +147,7 @@ class Run:
         self.mode = tracking.start(acc, cfg, self.config_dict, self.state) if self.main else None
         if cfg.eval.every > 0 and self.main:  # under its own RNG, as above
             with torch.random.fork_rng(devices=self.rng_devices):
-                self.evaluator = Evaluator(cfg.data.path, n=cfg.eval.n, space=cfg.eval.space, seed=cfg.eval.seed,
-                                           device=acc.device, split=cfg.data.split, with_prdc=False)
+                self.evaluation = TrainingEvaluation(cfg, acc.device)
         self.bar = tqdm(total=tc.steps, initial=self.state.step, disable=not self.main, dynamic_ncols=True,
                         unit="step", mininterval=1.0)
         self.monitor = Monitor(acc, self.family, self.state, tc.batch_size * tc.grad_accum * acc.num_processes)
@@ -181,6 +180,8 @@ class Run:
         """One optimizer step per phase over grad_accum micro-batches, the EMA, the step count;
         the losses are summed on the device (no host sync)."""
         set_learning_rates(self.prepared, self.family, self.state.step, self.cfg)
+        if self.cfg.train.compile:  # CUDA graphs (reduce-overhead): a new step may reuse the last one's memory
+            torch.compiler.cudagraph_mark_step_begin()
         micro_batches = [self.batches.next() for _ in range(self.cfg.train.grad_accum)]
         losses = run_phases(self.family, self.prepared, micro_batches, self.state.step, self.accelerator,
                             self.cfg.optim.grad_clip)
@@ -219,17 +220,13 @@ class Run:
                 tracking.log_image(self.accelerator, "samples", grid, step)
 
     def evaluate(self, step):
-        """--eval.every: FID/KID (and legibility) of what is sampled, against the features of the
-        real data computed once."""
-        if not self.evaluator:
+        """--eval.every (gen.evaluation.TrainingEvaluation): console, metrics.jsonl, W&B."""
+        if not self.evaluation:
             return
-        ev = self.evaluator
         with self.monitor.paused(), torch.random.fork_rng(devices=self.rng_devices):
-            scores = ev.score(self.sampler_at(step).sample(ev.n, seed=self.cfg.eval.seed))
-        record = {"step": step, "time/elapsed_s": self.state.elapsed,
-                  **{f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}}
-        self.bar.write(f"eval at step {step}: FID {scores['fid']:.3f} (real vs real {ev.floors['real_vs_real']['fid']:.3f})"
-                       + (f", legibility {scores['legibility']:.3f}" if "legibility" in scores else "") + f" [{ev.space}]")
+            record, line = self.evaluation(step, self.sampler_at(step), self.state,
+                                           dict(self.meta, config=self.config_dict), self.run_dir.path)
+        self.bar.write(line)
         self.run_dir.append_metrics(record)
         if self.mode:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
@@ -263,18 +260,19 @@ class Run:
 
 
 class TrainState:
-    """Step, data position, W&B run id and the run's wall time: checkpointed with the models
+    """Step, data position, W&B run id, the run's wall time and its best FID: checkpointed with the models
     (register_for_checkpointing)."""
 
     def __init__(self):
-        self.step, self.data, self.wandb_run_id, self.elapsed = 0, None, None, 0.0
+        self.step, self.data, self.wandb_run_id, self.elapsed, self.best_fid = 0, None, None, 0.0, float("inf")
 
     def state_dict(self):
-        return {"step": self.step, "data": self.data, "wandb_run_id": self.wandb_run_id, "elapsed": self.elapsed}
+        return {"step": self.step, "data": self.data, "wandb_run_id": self.wandb_run_id, "elapsed": self.elapsed,
+                "best_fid": self.best_fid}
 
     def load_state_dict(self, d):
         self.step, self.data, self.wandb_run_id = d["step"], d["data"], d["wandb_run_id"]
-        self.elapsed = d.get("elapsed", 0.0)
+        self.elapsed, self.best_fid = d.get("elapsed", 0.0), d.get("best_fid", float("inf"))
 
 
 class StopSignals:
@@ -304,7 +302,8 @@ def make_accelerator(cfg):
     cpu = tc.cpu or not torch.cuda.is_available()
     precision = resolve_precision(tc.mixed_precision, cpu)
     return Accelerator(mixed_precision=precision, log_with=None if cfg.log.wandb == "off" else "wandb", cpu=cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=tc.ddp_bucket_mb)]), precision
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           bucket_cap_mb=tc.ddp_bucket_mb, comm_hook=DDPCommunicationHookType(tc.ddp_comm_hook))]), precision
 
 
 def release(accelerator, keep_process_group):

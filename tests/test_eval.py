@@ -42,7 +42,8 @@ def gan_run(tmp_path_factory, eval_env, tmp_path):
     """A small GAN with checkpoints at steps 20 and 200, evaluated during training."""
     return _own_copy(tmp_path_factory, eval_env, tmp_path, "gan-run", "--train.steps", "200", "--train.batch_size", "32",
                      "--model.width", "16", "--train.ckpt_every", "20", "--train.keep_last", "20",
-                     "--train.log_every", "20", "--eval.every", "100", "--eval.n", "300", "--log.wandb", "offline")
+                     "--train.log_every", "20", "--eval.every", "100", "--eval.n", "300", "--eval.keep_best",
+                     "--log.wandb", "offline")
 
 
 def test_fid_and_kid_agree_with_scipy_and_numpy():
@@ -156,6 +157,28 @@ def test_eval_during_training_leaves_the_training_stream_unchanged(eval_env, gan
         a = load_file(gan_run / "checkpoints/checkpoint-0000200" / name)
         b = load_file(tmp_path / "plain/checkpoints/checkpoint-0000200" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@on_shared_runs
+def test_keep_best_keeps_the_lowest_fid_beside_the_last(eval_env, gan_run, tmp_path, monkeypatch):
+    """--eval.keep_best: RUN/checkpoints/best holds what was sampled at the lowest FID of the curve;
+    read back the way users read it, it scores that FID again; the last checkpoint is still the last."""
+    from gen.metrics import Evaluator
+    from gen.run_dir import RunDir
+    from gen.sample import load_generator
+    shards, env, _ = eval_env
+    curve = {r["step"]: r["eval/fid"] for r in RunDir(gan_run).read_metrics() if "eval/fid" in r}
+    best = gan_run / "checkpoints/best"
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["step"] == min(curve, key=curve.get) and meta["fid"] == min(curve.values())
+    assert RunDir(gan_run).checkpoints()[0][0] == 200  # the newest checkpoint is the last step's, not the best's
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ev = Evaluator(shards, n=300, space="domain", seed=0, with_prdc=False)
+    again = ev.score(load_generator(best).sample(300, seed=0))["fid"]  # as the training loop sampled it
+    assert abs(again - meta["fid"]) < 1e-3 * meta["fid"], (again, meta["fid"])
+    run(["-m", "jobs.sample", str(best), "--out", str(tmp_path / "s")], env=env, check=True)
+    assert (tmp_path / "s/samples.png").is_file()
 
 
 @pytest.fixture
@@ -368,3 +391,31 @@ def test_report_pictures_and_table_come_from_one_sampler(eval_env, vae_run, tmp_
     for prior, same in (("auto", True), ("normal", False)):
         save_grid(load_generator(vae_run, prior=prior).sample(64, seed=0), tmp_path / f"{prior}.png")
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"{prior}.png")), shown) == same, prior
+
+
+def test_small_data_preset_at_128px_trains_samples_scores_and_reports(tmp_path):
+    """128 px is a first-class size for gan-small-data (the Pokémon zip is 128 px): it trains, samples,
+    evaluates, and the report shows it (images embedded at 128 px)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from helpers import make_color_folder
+    make_color_folder(tmp_path / "images", 24, size=128)
+    run(["-m", "data_prep", "folder", str(tmp_path / "images"), "--out", str(tmp_path / "shards"), "--size", "128"],
+        check=True)
+    # (BatchNorm statistics from 2 batches of 256: at 128 px the 8 the suite uses cost ~15 s)
+    env = {"DEEPGEN_CACHE": str(tmp_path / "cache"), "DEEPGEN_DOMAIN_STEPS": "2", "DEEPGEN_BN_BATCHES": "2"}
+    run(train_cmd(tmp_path / "shards", tmp_path / "run", "--train.steps", "2", "--train.batch_size", "8",
+                  "--log.wandb", "off", preset="gan-small-data"), env=env, check=True)
+    run(["-m", "jobs.sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--n", "16"], env=env, check=True)
+    assert Image.open(tmp_path / "s/samples.png").size == (4 * 130 + 2, 4 * 130 + 2)  # 16 tiles of 128 px
+    # the report scores the run as jobs.evaluate does (RUN/eval/metrics.json)
+    run(["-m", "jobs.compare", str(tmp_path / "run"), "--n", "16", "--out", str(tmp_path / "report.html")], env=env,
+        check=True)
+    assert json.loads((tmp_path / "run/eval/metrics.json").read_text())["model"]["fid"] > 0
+    html = (tmp_path / "report.html").read_text()
+    sizes = {Image.open(io.BytesIO(base64.b64decode(b))).size[0]
+             for b in re.findall(r"src='data:image/png;base64,([^']+)'", html)}
+    assert any(w >= 4 * 128 for w in sizes), sizes  # a sample grid of 128 px images

@@ -3,7 +3,6 @@ refused run, branching off an older checkpoint, a run dir with no checkpoint yet
 another class count or optimizer, the VAE mixture cache and other shards, and the clocks.
 Each of these lost or mixed up work before the rule in gen/checkpoint.plan_resume."""
 import json
-import shutil
 import time
 
 import pytest
