@@ -107,6 +107,16 @@ def train_img_per_s(shards, run_dir, preset, batch_size, width, steps, workers, 
     return lines[-1]["perf/img_per_s"]
 
 
+def first_half_extra_s(run_dir):
+    """Seconds the first half of a run took beyond the second half's pace: start-up inside the
+    loop (torch.compile's compilation, oneDNN's first calls)."""
+    rows = [r for r in RunDir(run_dir).read_metrics() if "perf/ms_per_step" in r]
+    if len(rows) < 2:
+        return float("nan")
+    steps = rows[0]["step"]
+    return (rows[0]["perf/ms_per_step"] - rows[1]["perf/ms_per_step"]) * steps / 1000
+
+
 def vs_notebook(args):
     """Time per image, ours / the notebook's, in interleaved runs (and of `--also` overrides)."""
     import statistics
@@ -133,7 +143,9 @@ def vs_notebook(args):
             if args.also:
                 other = rate("gan", f"also{r}", args.also.split())
                 also.append(notebook / other)
-                line += f"; with {args.also}: {other:,.0f} img/s, {also[-1]:.2f}x"
+                line += (f"; with {args.also}: {other:,.0f} img/s, {also[-1]:.2f}x ({ours and other / ours:.2f}x the "
+                         f"preset's images/s; its first half took {first_half_extra_s(Path(tmp) / f'also{r}'):.0f} s "
+                         f"more than the second, the preset's {first_half_extra_s(Path(tmp) / f'gan{r}'):.0f} s)")
             print(line, flush=True)
     print(f"median over {len(ratios)} rounds: {statistics.median(ratios):.2f}x the notebook's time per image "
           f"(range {min(ratios):.2f}-{max(ratios):.2f}; target <= 0.6)")

@@ -89,6 +89,7 @@ def slurm_run(shards, run_dir, preset, steps):
 def gradient_bytes():
     """{(preset, size): {module: bytes}} for the presets that build at that size."""
     from gen.config import PRESETS
+    from gen.errors import UserError
     from gen.families import build_family
     out = {}
     for preset in ("gan", "vae", "seed-gan", "seed-vae"):
@@ -96,7 +97,7 @@ def gradient_bytes():
             cfg = PRESETS[preset]
             try:
                 family = build_family(cfg.model, cfg.optim, (channels, size, size), 0)
-            except ValueError:
+            except UserError:
                 continue  # the seed ports are 28 px models
             out[preset, size] = {name: 4 * sum(p.numel() for p in m.parameters() if p.requires_grad)
                                  for name, m in family.modules.items()}
