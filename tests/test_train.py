@@ -66,8 +66,9 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
 @pytest.mark.parametrize("precision,extra", [
     ("no", []), ("bf16", []),
     ("no", ["--model.arch", "dcgan", "--model.d-batchnorm", "--model.no-spectral-norm"]),  # D runs twice per step
-    ("no", ["--train.compile"]),  # torch.compile under DDP (tests/test_compile.py: the compiled step itself)
-    ("no", ["--train.ddp_comm_hook", "bf16"]),  # gradients all-reduced as bf16: the ranks still agree
+    # torch.compile under DDP (tests/test_compile.py: the compiled step itself), the gradients
+    # all-reduced as bf16 (--train.ddp_comm_hook): the ranks still agree bit for bit
+    ("no", ["--train.compile", "--train.ddp_comm_hook", "bf16"]),
 ])
 def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precision, extra):
     out = tmp_path / "ranks.json"
