@@ -3,6 +3,7 @@ sample, export, evaluate}. Each cell exits 0 and writes its files; the resumed r
 uninterrupted one tensor for tensor (the independent reference: a run done another way). The
 presets come from gen.config.PRESETS, so a preset added later is in the matrix by itself."""
 import json
+import shutil
 
 import pytest
 
@@ -52,12 +53,21 @@ def test_one_process(preset, mnist_shards, tmp_path, domain_cache, monkeypatch, 
     use_paths(tmp_path / "resumed", tmp_path, domain_cache, monkeypatch, capsys)
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs(mnist_shards, tmp_path_factory):
+    """Every preset trained, resumed and compared under 2 DDP ranks in one launch (tests/resume_ranks.py)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    proc = run([*launch2(), str(ROOT / "tests" / "resume_ranks.py"), str(root / "ranks.json"), str(root),
+                ",".join(sorted(PRESETS)), "--data", str(mnist_shards), *ARGS], timeout=600)
+    report = json.loads((root / "ranks.json").read_text()) if (root / "ranks.json").is_file() else {}
+    return root, proc, report
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_two_ddp_ranks(preset, mnist_shards, tmp_path, domain_cache, monkeypatch, capsys):
-    out = tmp_path / "ranks.json"
-    proc = run([*launch2(), str(ROOT / "tests" / "resume_ranks.py"), str(out), str(tmp_path), "--preset", preset,
-                "--data", str(mnist_shards), *ARGS], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result == {"step": 4, "world_size": 2, "differs": ""}, result
-    use_paths(tmp_path / "resumed", tmp_path, domain_cache, monkeypatch, capsys)
+def test_two_ddp_ranks(preset, two_rank_runs, tmp_path, domain_cache, monkeypatch, capsys):
+    root, proc, report = two_rank_runs
+    assert preset in report, f"the launch stopped before {preset}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert report[preset] == {"step": 4, "world_size": 2, "differs": ""}, report[preset]
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(root / preset / "resumed", run_dir)
+    use_paths(run_dir, tmp_path, domain_cache, monkeypatch, capsys)
