@@ -66,6 +66,7 @@ def run_in_process(module, argv, env=None):
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     AcceleratorState._reset_state(True)  # one precision per process: a run before may have used another
+    code = 1
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -76,12 +77,24 @@ def run_in_process(module, argv, env=None):
                 traceback.print_exc()
                 code = 1
     finally:
+        end_wandb(code)
         root.removeHandler(handler)
         root.setLevel(level)
         os.environ.clear()
         os.environ.update(saved_env)
         AcceleratorState._reset_state(True)
     return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code or 0, out.getvalue(), err.getvalue())
+
+
+def end_wandb(code):
+    """What a process's exit does for W&B: finish a run still open and stop wandb's service, which
+    writes the last records of the run files (a later test reading them must find them whole)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=code or 0)
+    wandb.teardown()
 
 
 def free_port():
