@@ -15,9 +15,9 @@ from helpers import built_once, make_mnist_shards, run, train_cmd
 
 # a short domain classifier keeps CI fast; the README default trains 600 steps
 DOMAIN_STEPS = "150"
-# the tests of the two shared runs go to one xdist worker in turn: on two they would both wait
-# for the first build (~2 min), and each has its own copy of the run anyway
-on_shared_runs = pytest.mark.xdist_group("test_eval-runs")
+# the tests of the two shared runs spread over the xdist workers: the first to need a run builds
+# it (built_once), and each test has its own copy (in one group they were the suite's longest chain)
+on_shared_runs = pytest.mark.shared_runs
 
 
 @pytest.fixture(scope="session")
