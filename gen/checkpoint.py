@@ -182,7 +182,8 @@ def read_meta(path):
 # model settings that only change the losses, not what a checkpoint holds: a run may resume with
 # other values (a stronger R1 after a divergence, say), and says so in one warning line
 LOSS_SETTINGS = ("gan_loss", "gan_update", "one_backward", "r1_gamma", "r1_every", "diffaug", "beta",
-                 "kl_warmup_steps", "kl", "binarize", "ema_decay")
+                 "kl_warmup_steps", "kl", "binarize", "ema_decay", "lecam")
+ON_OFF = ("ema_decay", "lecam")  # loss settings whose 0 also removes state (the EMA copy, LeCam's averages)
 
 
 def check_compatible(meta, config_dict, shape, num_classes, path):
@@ -197,7 +198,7 @@ def check_compatible(meta, config_dict, shape, num_classes, path):
         old = getattr(saved.model, k)
         if _norm(old) == _norm(v):
             continue
-        if k in LOSS_SETTINGS and not (k == "ema_decay" and (old == 0) != (v == 0)):
+        if k in LOSS_SETTINGS and not (k in ON_OFF and (old == 0) != (v == 0)):
             changed.append(f"model.{k} {old!r} -> {v!r}")
         else:
             structural.append(f"model.{k}={old!r} (this run: {v!r})")

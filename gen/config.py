@@ -49,6 +49,9 @@ class ModelConfig:
     g_image_layer: Literal["conv", "deconv"] = "conv"  # dcgan G: the layer that writes the image
     r1_gamma: float = 0.0           # R1 penalty on reals; 0 = off
     r1_every: int = 4               # lazy R1: every N steps, scaled by N
+    # LeCam (Tseng et al. 2021, for limited data): D's logits pulled toward the EMA of the other
+    # set's, which bounds how far D can separate the few real images from the fakes
+    lecam: float = 0.0              # weight of the LeCam regulariser on D; 0 = off
     # alternating: D steps, then G through the updated D (stylegan2-ada); simultaneous: one forward,
     # both losses, both optimizers step together (the Keras notebook's two GradientTapes)
     gan_update: Literal["alternating", "simultaneous"] = "alternating"  # the GAN step: alternating or simultaneous
@@ -231,6 +234,7 @@ def validate(cfg):
         (0 <= m.ema_decay < 1, f"--model.ema_decay {m.ema_decay}: must be in [0, 1)"),
         (m.r1_gamma >= 0, f"--model.r1_gamma {m.r1_gamma}: must be 0 or more"),
         (m.r1_every >= 1, f"--model.r1_every {m.r1_every}: must be at least 1"),
+        (m.lecam >= 0, f"--model.lecam {m.lecam}: must be 0 or more"),
         (m.beta >= 0, f"--model.beta {m.beta}: must be 0 or more"),
         (m.kl_warmup_steps >= 0, f"--model.kl_warmup_steps {m.kl_warmup_steps}: must be 0 or more"),
         (o.lr > 0, f"--optim.lr {o.lr}: must be positive"),

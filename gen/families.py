@@ -84,6 +84,9 @@ class Family:
         return None  # latents from N(0, I)
 
 
+LECAM_EMA_WEIGHT = 0.01  # the paper's decay 0.99
+
+
 def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
     """(G, D) of the configured architecture (D None when only sampling), self-conditioning buffers on G."""
     c, size, _ = shape
@@ -104,6 +107,10 @@ def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
                                                            model_cfg.d_batchnorm)
     if clusters.count(model_cfg):
         clusters.attach(G, clusters.count(model_cfg), shape, model_cfg.cluster_method)
+    if D is not None and model_cfg.lecam > 0:
+        # LeCam's running means of D's logits (real, fake): a buffer, so checkpoints carry it and DDP
+        # gives every rank rank 0's before each forward
+        D.register_buffer("lecam_means", torch.zeros(2))
     return G, D
 
 
@@ -123,9 +130,10 @@ class GANFamily(Family):
     def __init__(self, model_cfg, optim_cfg, shape, num_classes, sampling_only=False, mixed_precision="no"):
         self.cfg, self.optim_cfg = model_cfg, optim_cfg
         check_policy(model_cfg.diffaug)
-        # fp16 would lose G's gradient for fakes D is sure of: their rescaled share underflows
+        # fp16 would lose G's gradient for fakes D is sure of: their rescaled share underflows; LeCam pulls
+        # on the fakes too, so D's gradient there is no longer nonsat's alone
         self.one_backward = (model_cfg.one_backward and model_cfg.gan_update == "simultaneous"
-                             and model_cfg.gan_loss == "nonsat" and not model_cfg.d_batchnorm
+                             and model_cfg.gan_loss == "nonsat" and not model_cfg.d_batchnorm and model_cfg.lecam == 0
                              and mixed_precision != "fp16")
         self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
         G, D = gan_nets(model_cfg, shape, self.num_labels, sampling_only)
@@ -150,6 +158,19 @@ class GANFamily(Family):
         if self.cfg.gan_loss == "hinge":
             return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()  # BCE with logits
+
+    def _with_lecam(self, loss_d, out, real_logits, fake_logits):
+        """D's loss plus LeCam (Tseng et al. 2021): each set's logits pulled toward the EMA (0.99)
+        of the other's, then the EMA updated from this batch."""
+        if self.cfg.lecam <= 0:
+            return loss_d
+        means = self.modules["D"].lecam_means
+        mean_real, mean_fake = means.clone()
+        reg = (real_logits - mean_fake).pow(2).mean() + (fake_logits - mean_real).pow(2).mean()
+        with torch.no_grad():
+            means.lerp_(torch.stack([real_logits.mean(), fake_logits.mean()]), LECAM_EMA_WEIGHT)
+        out["lecam"] = reg.detach()
+        return loss_d + self.cfg.lecam * reg
 
     def _g_loss(self, fake_logits):
         return -fake_logits.mean() if self.cfg.gan_loss == "hinge" else F.softplus(-fake_logits).mean()
@@ -186,6 +207,7 @@ class GANFamily(Family):
         real_logits, fake_logits = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
         loss = self._d_loss(real_logits, fake_logits)
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
+        loss = self._with_lecam(loss, out, real_logits, fake_logits)
         return {"D": self._with_r1(loss, out, x, labels, step)}, out
 
     def _with_r1(self, loss_d, out, x, labels, step):
@@ -216,7 +238,7 @@ class GANFamily(Family):
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": real_logits.mean().detach(),
                "d_fake": fake_logits.mean().detach()}
-        loss_d = self._with_r1(loss_d, out, x, labels, step)
+        loss_d = self._with_r1(self._with_lecam(loss_d, out, real_logits, fake_logits), out, x, labels, step)
         if not self.one_backward:
             return {"D": loss_d, "G": loss_g}, out
         g_gradient_from_d_backward(fake, fake_logits)

@@ -21,6 +21,7 @@ from wandb_records import history, run_id
     ("gan", ["--model.diffaug", "color", "translation", "cutout", "--model.r1_gamma", "1", "--model.r1_every", "2",
              "--data.hflip"]),
     ("vae", ["--optim.warmup_steps", "30"]),  # the LR still ramps across the resume point
+    ("gan-small-data", ["--model.lecam", "0.3"]),  # BatchNorm in D, DiffAugment, LeCam's running means
 ])
 def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
     """k steps + resume + k steps == 2k steps: weights, EMA, optimizer, RNG; and the batches,
@@ -494,3 +495,57 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     real_logits, fake_logits = D(torch.cat([x, fake])).chunk(2)  # one pass: batch statistics shared
     one_pass = torch.autograd.grad(F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean(), list(D.parameters()))
     assert max(float((a - b).abs().max()) for a, b in zip(one_pass, want)) > 1e-3
+
+
+def test_lecam_regulariser_is_the_papers_and_its_averages_resume(mnist_shards):
+    """--model.lecam (Tseng et al. 2021): D's gradient equals the reference written out here, BCE
+    plus lambda * (mean (D(x) - a_fake)^2 + mean (D(G(z)) - a_real)^2) with the running means
+    before this batch, which then move 1 % toward this batch's means; the means are a buffer of D
+    (in checkpoints); switching LeCam on over a run without it is refused, a new weight is not."""
+    import copy
+
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from gen import checkpoint
+    from gen.config import parse, to_dict
+    from gen.data import make_loader
+    from gen.families import build_family
+    from gen.step import prepare, run_phases
+    x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
+    cfg = parse(["--preset", "gan-small-data", "--data", str(mnist_shards), "--model.width", "8", "--model.diffaug",
+                 "--model.lecam", "0.5"])
+    torch.manual_seed(0)
+    family = build_family(cfg.model, cfg.optim, (1, 28, 28), 0)
+    means = family.modules["D"].lecam_means
+    means.copy_(torch.tensor([0.7, -0.4]))
+    assert "lecam_means" in family.modules["D"].state_dict()
+    G, D = (copy.deepcopy(family.modules[n]) for n in ("G", "D"))
+    prepared = prepare(Accelerator(cpu=True), family)
+    got = {}
+    prepared.optimizers["D"].optimizer.register_step_pre_hook(
+        lambda o, a, k: got.__setitem__("D", [p.grad.clone() for p in family.modules["D"].parameters()]))
+    torch.manual_seed(7)
+    run_phases(family, prepared, [{"image": x, "label": torch.zeros(len(x), dtype=torch.long)}], 1, Accelerator(cpu=True),
+               0.0)
+
+    torch.manual_seed(7)  # the reference: the same noise, D on each set alone (BatchNorm in D)
+    fake = G(torch.randn(len(x), cfg.model.latent_dim)).detach()
+    real_logits, fake_logits = D(x), D(fake)
+    bce = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    lecam = (real_logits - (-0.4)).pow(2).mean() + (fake_logits - 0.7).pow(2).mean()
+    want = torch.autograd.grad(bce + 0.5 * lecam, list(D.parameters()))
+    for g, w in zip(got["D"], want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), float((g - w).abs().max())
+    without = torch.autograd.grad(F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean(), list(D.parameters()))
+    assert max(float((a - b).abs().max()) for a, b in zip(without, want)) > 1e-3  # the term is there
+    expected = 0.99 * torch.tensor([0.7, -0.4]) + 0.01 * torch.stack([real_logits.mean(), fake_logits.mean()]).detach()
+    assert torch.allclose(means, expected, atol=1e-6), (means, expected)
+
+    # the running means are state: on/off is structural, another weight is a loss setting
+    same = ["--preset", "gan-small-data", "--model.width", "8", "--model.diffaug"]
+    meta = {"config": to_dict(parse(same)), "shape": [1, 28, 28], "num_classes": 0}
+    with pytest.raises(checkpoint.CheckpointError, match="lecam"):
+        checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt")
+    meta["config"] = to_dict(parse([*same, "--model.lecam", "0.1"]))
+    assert checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt") == ["model.lecam 0.1 -> 0.5"]
