@@ -168,7 +168,12 @@ class GANFamily(Family):
         mean_real, mean_fake = means.clone()
         reg = (real_logits - mean_fake).pow(2).mean() + (fake_logits - mean_real).pow(2).mean()
         with torch.no_grad():
-            means.lerp_(torch.stack([real_logits.mean(), fake_logits.mean()]), LECAM_EMA_WEIGHT)
+            batch = torch.stack([real_logits.mean(), fake_logits.mean()])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank's batch in the means: the buffer stays the same on every rank
+                torch.distributed.all_reduce(batch)
+                batch /= torch.distributed.get_world_size()
+            means.lerp_(batch, LECAM_EMA_WEIGHT)
         out["lecam"] = reg.detach()
         return loss_d + self.cfg.lecam * reg
 

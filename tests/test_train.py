@@ -66,7 +66,8 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
 
 @pytest.mark.parametrize("precision,extra", [
     ("no", []), ("bf16", []),
-    ("no", ["--model.arch", "dcgan", "--model.d-batchnorm", "--model.no-spectral-norm"]),  # D runs twice per step
+    # D runs twice per step (BatchNorm in D); LeCam's running means stay the same on both ranks
+    ("no", ["--model.arch", "dcgan", "--model.d-batchnorm", "--model.no-spectral-norm", "--model.lecam", "0.3"]),
     # torch.compile under DDP (tests/test_compile.py: the compiled step itself), the gradients
     # all-reduced as bf16 (--train.ddp_comm_hook): the ranks still agree bit for bit
     ("no", ["--train.compile", "--train.ddp_comm_hook", "bf16"]),
@@ -497,7 +498,7 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     assert max(float((a - b).abs().max()) for a, b in zip(one_pass, want)) > 1e-3
 
 
-def test_lecam_regulariser_is_the_papers_and_its_averages_resume(mnist_shards):
+def test_lecam_regulariser_is_the_papers_and_its_means_are_state(mnist_shards):
     """--model.lecam (Tseng et al. 2021): D's gradient equals the reference written out here, BCE
     plus lambda * (mean (D(x) - a_fake)^2 + mean (D(G(z)) - a_real)^2) with the running means
     before this batch, which then move 1 % toward this batch's means; the means are a buffer of D
