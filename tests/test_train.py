@@ -11,9 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import (ROOT, TINY, assert_same, launch2, metrics, process_running, run, state_files, train_cmd,
-                     wait_for_step)
+from helpers import (
+    ROOT,
+    TINY,
+    assert_same,
+    launch2,
+    metrics,
+    process_running,
+    run,
+    state_files,
+    train_cmd,
+    wait_for_step,
+)
 from wandb_records import history, run_id
 
 
@@ -457,6 +466,22 @@ def test_seed_steps_equal_the_notebook_and_tutorial_steps(mnist_shards):
 
 
 
+def d_gradients_of_one_step(family, x):
+    """D's gradients in the loop's own step (gen.step.run_phases) on batch x, with noise seed 7,
+    read just before D's optimizer steps."""
+    from accelerate import Accelerator
+
+    from gen.step import prepare, run_phases
+    prepared = prepare(Accelerator(cpu=True), family)
+    got = {}
+    prepared.optimizers["D"].optimizer.register_step_pre_hook(
+        lambda o, a, k: got.__setitem__("D", [p.grad.clone() for p in family.modules["D"].parameters()]))
+    torch.manual_seed(7)
+    run_phases(family, prepared, [{"image": x, "label": torch.zeros(len(x), dtype=torch.long)}], 1, Accelerator(cpu=True),
+               0.0)
+    return got["D"]
+
+
 def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     """--model.d-batchnorm (DCGAN's D): D's step equals the DCGAN reference written out here, D
     run once on the reals and once on the fakes so that each batch is normalised by its own
@@ -464,12 +489,10 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     import copy
 
     import torch.nn.functional as F
-    from accelerate import Accelerator
 
     from gen.config import parse
     from gen.data import make_loader
     from gen.families import build_family
-    from gen.step import prepare, run_phases
     x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
     cfg = parse(["--preset", "gan", "--data", str(mnist_shards), "--model.self_condition", "0", "--model.arch", "dcgan",
                  "--model.d-batchnorm",
@@ -478,13 +501,7 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in family.modules["D"].modules())
     G, D = (copy.deepcopy(family.modules[n]) for n in ("G", "D"))
-    prepared = prepare(Accelerator(cpu=True), family)
-    got = {}
-    prepared.optimizers["D"].optimizer.register_step_pre_hook(
-        lambda o, a, k: got.__setitem__("D", [p.grad.clone() for p in family.modules["D"].parameters()]))
-    torch.manual_seed(7)
-    run_phases(family, prepared, [{"image": x, "label": torch.zeros(len(x), dtype=torch.long)}], 1, Accelerator(cpu=True),
-               0.0)
+    got = {"D": d_gradients_of_one_step(family, x)}
 
     torch.manual_seed(7)  # the reference: the same noise, D on each set alone, BCE on logits
     with torch.no_grad():
@@ -506,13 +523,11 @@ def test_lecam_regulariser_is_the_papers_and_its_means_are_state(mnist_shards):
     import copy
 
     import torch.nn.functional as F
-    from accelerate import Accelerator
 
     from gen import checkpoint
     from gen.config import parse, to_dict
     from gen.data import make_loader
     from gen.families import build_family
-    from gen.step import prepare, run_phases
     x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
     cfg = parse(["--preset", "gan-small-data", "--data", str(mnist_shards), "--model.width", "8", "--model.diffaug",
                  "--model.lecam", "0.5"])
@@ -522,13 +537,7 @@ def test_lecam_regulariser_is_the_papers_and_its_means_are_state(mnist_shards):
     means.copy_(torch.tensor([0.7, -0.4]))
     assert "lecam_means" in family.modules["D"].state_dict()
     G, D = (copy.deepcopy(family.modules[n]) for n in ("G", "D"))
-    prepared = prepare(Accelerator(cpu=True), family)
-    got = {}
-    prepared.optimizers["D"].optimizer.register_step_pre_hook(
-        lambda o, a, k: got.__setitem__("D", [p.grad.clone() for p in family.modules["D"].parameters()]))
-    torch.manual_seed(7)
-    run_phases(family, prepared, [{"image": x, "label": torch.zeros(len(x), dtype=torch.long)}], 1, Accelerator(cpu=True),
-               0.0)
+    got = {"D": d_gradients_of_one_step(family, x)}
 
     torch.manual_seed(7)  # the reference: the same noise, D on each set alone (BatchNorm in D)
     fake = G(torch.randn(len(x), cfg.model.latent_dim)).detach()
