@@ -77,7 +77,7 @@ class TrainingEvaluation:
 
     def __init__(self, cfg, device):
         e = cfg.eval
-        self.cfg, self.seed, self.keep_best = cfg, e.seed, e.keep_best
+        self.seed, self.keep_best = e.seed, e.keep_best
         self.evaluator = Evaluator(cfg.data.path, n=e.n, space=e.space, seed=e.seed, device=device,
                                    split=cfg.data.split, with_prdc=False)
 

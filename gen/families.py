@@ -108,8 +108,8 @@ def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
     if clusters.count(model_cfg):
         clusters.attach(G, clusters.count(model_cfg), shape, model_cfg.cluster_method)
     if D is not None and model_cfg.lecam > 0:
-        # LeCam's running means of D's logits (real, fake): a buffer, so checkpoints carry it and DDP
-        # gives every rank rank 0's before each forward
+        # LeCam's running means of D's logits (real, fake): a buffer, so checkpoints carry it (each
+        # update averages every rank's batch, so it is the same on every rank)
         D.register_buffer("lecam_means", torch.zeros(2))
     return G, D
 

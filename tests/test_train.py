@@ -501,14 +501,14 @@ def test_batchnorm_discriminator_sees_reals_and_fakes_apart(mnist_shards):
     family = build_family(cfg.model, cfg.optim, (1, 28, 28), 10)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in family.modules["D"].modules())
     G, D = (copy.deepcopy(family.modules[n]) for n in ("G", "D"))
-    got = {"D": d_gradients_of_one_step(family, x)}
+    got = d_gradients_of_one_step(family, x)
 
     torch.manual_seed(7)  # the reference: the same noise, D on each set alone, BCE on logits
     with torch.no_grad():
         fake = G(torch.randn(len(x), cfg.model.latent_dim))
     loss = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
     want = torch.autograd.grad(loss, list(D.parameters()))
-    for g, w in zip(got["D"], want):
+    for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), float((g - w).abs().max())
     real_logits, fake_logits = D(torch.cat([x, fake])).chunk(2)  # one pass: batch statistics shared
     one_pass = torch.autograd.grad(F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean(), list(D.parameters()))
@@ -537,7 +537,7 @@ def test_lecam_regulariser_is_the_papers_and_its_means_are_state(mnist_shards):
     means.copy_(torch.tensor([0.7, -0.4]))
     assert "lecam_means" in family.modules["D"].state_dict()
     G, D = (copy.deepcopy(family.modules[n]) for n in ("G", "D"))
-    got = {"D": d_gradients_of_one_step(family, x)}
+    got = d_gradients_of_one_step(family, x)
 
     torch.manual_seed(7)  # the reference: the same noise, D on each set alone (BatchNorm in D)
     fake = G(torch.randn(len(x), cfg.model.latent_dim)).detach()
@@ -545,7 +545,7 @@ def test_lecam_regulariser_is_the_papers_and_its_means_are_state(mnist_shards):
     bce = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
     lecam = (real_logits - (-0.4)).pow(2).mean() + (fake_logits - 0.7).pow(2).mean()
     want = torch.autograd.grad(bce + 0.5 * lecam, list(D.parameters()))
-    for g, w in zip(got["D"], want):
+    for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), float((g - w).abs().max())
     without = torch.autograd.grad(F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean(), list(D.parameters()))
     assert max(float((a - b).abs().max()) for a, b in zip(without, want)) > 1e-3  # the term is there
