@@ -201,6 +201,8 @@ def write_gif(frames, path, ms=120):
     images = [Image.fromarray(f.mul(255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()) for f in frames]
     scale = max(1, 128 // images[0].height)
     images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+    if images[0].mode == "RGB":  # fast octree: ~35x faster than GIF's default median cut, as good to the eye
+        images = [im.quantize(256, method=Image.Quantize.FASTOCTREE) for im in images]
     images = images + images[-2:0:-1]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=ms, loop=0)

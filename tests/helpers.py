@@ -111,6 +111,22 @@ def launch2():
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
+def split_cases(argv):
+    """[(name, args)] of a script that runs several cases in one launch (`--case NAME ARGS...`
+    repeated: the processes start and import torch once); with no --case, one case named None."""
+    if "--case" not in argv:
+        return [(None, argv)]
+    found = []
+    for arg in argv:
+        if arg == "--case":
+            found.append([None, []])
+        elif found[-1][0] is None:
+            found[-1][0] = arg
+        else:
+            found[-1][1].append(arg)
+    return [tuple(case) for case in found]
+
+
 def make_idx_dir(root, digits, n_train, n_test, gz=True, offset=0):
     x, y = digits
     tr, te = slice(offset, offset + n_train), slice(offset + n_train, offset + n_train + n_test)

@@ -408,7 +408,7 @@ def test_small_data_preset_at_128px_trains_samples_scores_and_reports(tmp_path):
     # (BatchNorm statistics from 2 batches of 256: at 128 px the 8 the suite uses cost ~15 s)
     env = {"DEEPGEN_CACHE": str(tmp_path / "cache"), "DEEPGEN_DOMAIN_STEPS": "2", "DEEPGEN_BN_BATCHES": "2"}
     run(train_cmd(tmp_path / "shards", tmp_path / "run", "--train.steps", "2", "--train.batch_size", "8",
-                  "--log.wandb", "off", preset="gan-small-data"), env=env, check=True)
+                  "--model.width", "16", "--log.wandb", "off", preset="gan-small-data"), env=env, check=True)
     run(["-m", "jobs.sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--n", "16"], env=env, check=True)
     assert Image.open(tmp_path / "s/samples.png").size == (4 * 130 + 2, 4 * 130 + 2)  # 16 tiles of 128 px
     # the report scores the run as jobs.evaluate does (RUN/eval/metrics.json)

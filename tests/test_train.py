@@ -73,52 +73,80 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
                     state_files(tmp_path / "seed1/checkpoints/checkpoint-0000040"))
 
 
-@pytest.mark.parametrize("precision,extra", [
-    ("no", []), ("bf16", []),
+DDP_CASES = {
+    "fp32": ["--train.mixed_precision", "no"],
+    "bf16": ["--train.mixed_precision", "bf16"],
     # D runs twice per step (BatchNorm in D); LeCam's running means stay the same on both ranks
-    ("no", ["--model.arch", "dcgan", "--model.d-batchnorm", "--model.no-spectral-norm", "--model.lecam", "0.3"]),
+    "batchnorm-d-lecam": ["--train.mixed_precision", "no", "--model.arch", "dcgan", "--model.d-batchnorm",
+                          "--model.no-spectral-norm", "--model.lecam", "0.3"],
     # torch.compile under DDP (tests/test_compile.py: the compiled step itself), the gradients
     # all-reduced as bf16 (--train.ddp_comm_hook): the ranks still agree bit for bit
-    ("no", ["--train.compile", "--train.ddp_comm_hook", "bf16"]),
-])
-def test_ddp_two_processes_keep_identical_weights(mnist_shards, tmp_path, precision, extra):
-    out = tmp_path / "ranks.json"
-    args = ["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(tmp_path / "run"), *TINY,
-            "--train.steps", "6", "--log.wandb", "off", "--train.mixed_precision", precision, "--train.grad_accum", "2",
-            *extra]
-    proc = run([*launch2(), str(ROOT / "tests" / "train_ranks.py"), str(out), *args], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    "compile-bf16-hook": ["--train.mixed_precision", "no", "--train.compile", "--train.ddp_comm_hook", "bf16"],
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(mnist_shards, tmp_path_factory):
+    """Every case of DDP_CASES trained under 2 ranks in one launch (tests/train_ranks.py --case)."""
+    root = tmp_path_factory.mktemp("ddp-cases")
+    cases = [arg for name, extra in DDP_CASES.items() for arg in (
+        "--case", name, "--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(root / name), *TINY,
+        "--train.steps", "6", "--log.wandb", "off", "--train.grad_accum", "2", *extra)]
+    proc = run([*launch2(), str(ROOT / "tests" / "train_ranks.py"), str(root / "ranks.json"), *cases], timeout=600)
+    report = json.loads((root / "ranks.json").read_text()) if (root / "ranks.json").is_file() else {}
+    return root, proc, report
+
+
+@pytest.mark.parametrize("case", list(DDP_CASES))
+def test_ddp_two_processes_keep_identical_weights(ddp_runs, case):
+    root, proc, result = ddp_runs[0], ddp_runs[1], ddp_runs[2].get(case)
+    assert result, f"the launch stopped before {case}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert result["step"] == 6 and result["world_size"] == 2
     assert result["identical"], result["max_diff"]  # every weight, buffer and EMA weight, bit for bit
     assert all(result["moved"].values()), result["moved"]  # and they trained
-    assert (tmp_path / "run/samples/step-0000006.png").is_file()
+    assert (root / case / "samples/step-0000006.png").is_file()
     # train() leaves nothing holding the process group: its gloo threads end with it, not during
     # interpreter exit, where they can abort the process
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [t for t in result["threads_after_destroy"] if "gloo" in t], result["threads_after_destroy"]
 
 
+ACCUM_CASES = {"gan-alternating-hinge": ("gan", "alternating", "hinge"), "gan-simultaneous-nonsat": ("gan", "simultaneous", "nonsat"),
+               "vae": ("vae", "alternating", "hinge")}
+
+
+@pytest.fixture(scope="module")
+def accum_reports(mnist_shards, tmp_path_factory):
+    """accum_ranks.py over every case of ACCUM_CASES, as one process and under 2 DDP ranks: one launch each."""
+    root, reports = tmp_path_factory.mktemp("accum"), {}
+    cases = [arg for name, (preset, update, loss) in ACCUM_CASES.items() for arg in (
+        "--case", name, "--preset", preset, "--data", str(mnist_shards), "--k", "3", "--b", "8", "--gan-update", update,
+        "--gan-loss", loss)]
+    for ranks in (1, 2):
+        out = root / f"accum-{ranks}.json"
+        proc = run([*(launch2() if ranks == 2 else []), str(ROOT / "tests" / "accum_ranks.py"), str(out), *cases],
+                   timeout=600)
+        reports[ranks] = proc, json.loads(out.read_text()) if out.is_file() else {}
+    return reports
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("preset,gan_update,gan_loss", [("gan", "alternating", "hinge"), ("gan", "simultaneous", "nonsat"),
-                                                         ("vae", "alternating", "hinge")])
-def test_grad_accumulation_gives_the_big_batch_gradients(mnist_shards, tmp_path, preset, gan_update, gan_loss, ranks):
+@pytest.mark.parametrize("case", list(ACCUM_CASES))
+def test_grad_accumulation_gives_the_big_batch_gradients(accum_reports, case, ranks):
     """grad_accum 3 at batch 8 == one batch of 24 (48 under 2 ranks), against gradients written out
     from the loss formulas in accum_ranks.py; GAN alternating (hinge): D steps once, then G through
     the updated D; simultaneous (nonsat, the gan preset's): both from one forward, G's gradient out
     of D's one backward pass; under DDP no all-reduce happens before the last micro-batch (no_sync)."""
-    out = tmp_path / "accum.json"
-    launcher = launch2() if ranks == 2 else []
-    proc = run([*launcher, str(ROOT / "tests" / "accum_ranks.py"), str(out), "--preset", preset, "--data",
-                str(mnist_shards), "--k", "3", "--b", "8", "--gan-update", gan_update, "--gan-loss", gan_loss],
-               timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    modules = ["D", "G"] if preset == "gan" else ["vae"]
+    proc, reports = accum_reports[ranks]
+    report = reports.get(case)
+    assert report, f"accum_ranks.py stopped before {case}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    modules = ["D", "G"] if ACCUM_CASES[case][0] == "gan" else ["vae"]
     assert report["steps"] == {m: 1 for m in modules}  # one optimizer step per phase, not one per micro-batch
     for m in modules:
         assert report[f"rel_err_{m}"] < 1e-4, report  # dropping a micro-batch gives ~0.5 here
         if ranks == 2:
             assert report["reduces"][m] and all(r == 3 for r in report["reduces"][m]), report  # the 3rd of 3 only
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
