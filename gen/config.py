@@ -184,7 +184,8 @@ PRESETS = {
     # DiffAugment colour/translation/cutout and mirror images against memorising, EMA of G
     "gan-small-data": _preset(
         model=dict(family="gan", arch="dcgan", latent_dim=128, gan_loss="nonsat", spectral_norm=False,
-                   d_batchnorm=True, r1_gamma=0.0, diffaug=("color", "translation", "cutout"), ema_decay=0.999),
+                   d_batchnorm=True, r1_gamma=0.0, diffaug=("color", "translation", "cutout"), ema_decay=0.999,
+                   lecam=0.3),
         data=dict(hflip=True),
         optim=dict(lr=2e-4, lr_d=2e-4, betas=(0.5, 0.999))),
 }
@@ -192,7 +193,7 @@ PRESETS = {
 PRESET_SUMMARY = {
     "gan": "DCGAN + spectral-norm D, one simultaneous step, lazy R1, EMA; self-conditioned on 30 clusters "
            "without labels (the default)",
-    "gan-small-data": "DCGAN with BatchNorm in D, DiffAugment, mirror images, EMA: for ~1k images",
+    "gan-small-data": "DCGAN with BatchNorm in D, DiffAugment, LeCam on D, mirror images, EMA: for ~1k images",
     "vae": "conv VAE, 16-d latent, learned-variance Gaussian likelihood, KL warm-up, EMA, ex-post latent mixture",
     "seed-gan": "the Fashion-MNIST notebook's GAN, ported layer for layer (a baseline)",
     "seed-vae": "the TensorFlow CVAE tutorial, step for step (a baseline)",
