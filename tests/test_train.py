@@ -582,7 +582,7 @@ def test_lecam_regulariser_is_the_papers_and_its_means_are_state(mnist_shards):
 
     # the running means are state: on/off is structural, another weight is a loss setting
     same = ["--preset", "gan-small-data", "--model.width", "8", "--model.diffaug"]
-    meta = {"config": to_dict(parse(same)), "shape": [1, 28, 28], "num_classes": 0}
+    meta = {"config": to_dict(parse([*same, "--model.lecam", "0"])), "shape": [1, 28, 28], "num_classes": 0}
     with pytest.raises(checkpoint.CheckpointError, match="lecam"):
         checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt")
     meta["config"] = to_dict(parse([*same, "--model.lecam", "0.1"]))
