@@ -52,16 +52,21 @@ def record(args):
 
 
 out, report = sys.argv[1], {}
+
+
+def write():  # the record of one run, or one per case
+    json.dump(report if None not in report else report[None], open(out, "w"))
+
+
 for name, args in split_cases(sys.argv[2:]):
     rec = record(args)
     if rec is not None:
         report[name] = rec
-        json.dump(report if name else rec, open(out, "w"))
+        write()  # after each case: a failure later names the cases done
 rank = torch.distributed.get_rank()
 torch.distributed.destroy_process_group()
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 if rank == 0:
-    final = json.load(open(out))
-    for rec in (final.values() if "--case" in sys.argv else [final]):
+    for rec in report.values():
         rec["threads_after_destroy"] = threads
-    json.dump(final, open(out, "w"))
+    write()
