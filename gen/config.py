@@ -47,6 +47,8 @@ class ModelConfig:
     d_convs_per_level: Literal[1, 2] = 2  # dcgan D: convolutions per resolution
     # conv: a 3x3 conv from a full-size map of `width` channels; deconv: the last stride-2 transposed conv
     g_image_layer: Literal["conv", "deconv"] = "conv"  # dcgan G: the layer that writes the image
+    # (FastGAN, Liu et al. 2021): the 4 and 8 px maps gate the 32 and 64 px ones, channel by channel
+    g_skip_excitation: bool = False  # dcgan G: skip-layer excitation
     r1_gamma: float = 0.0           # R1 penalty on reals; 0 = off
     r1_every: int = 4               # lazy R1: every N steps, scaled by N
     # LeCam (Tseng et al. 2021, for limited data): D's logits pulled toward the EMA of the other

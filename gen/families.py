@@ -97,7 +97,8 @@ def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
         G = nets.SeedGenerator(model_cfg.latent_dim, c, num_labels, size)
         D = None if sampling_only else nets.SeedDiscriminator(c, num_labels, size)
     elif model_cfg.arch == "dcgan":
-        G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, num_labels, model_cfg.g_image_layer)
+        G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, num_labels, model_cfg.g_image_layer,
+                                model_cfg.g_skip_excitation)
         D = None if sampling_only else nets.DCDiscriminator(
             c, size, model_cfg.width, num_labels, model_cfg.spectral_norm, model_cfg.d_batchnorm,
             model_cfg.d_convs_per_level)

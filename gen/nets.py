@@ -197,32 +197,63 @@ class Discriminator(nn.Module):
         return out
 
 
+class SkipExcitation(nn.Module):
+    """FastGAN's skip-layer excitation (Liu et al. 2021): a small feature map, pooled to 4x4 and
+    squeezed to one weight per channel, gates a map 8x larger: a shortcut for the gradient and a
+    style-like modulation of the fine layers by the coarse ones, at almost no cost."""
+
+    def __init__(self, c_small, c_big):
+        super().__init__()
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Conv2d(c_small, c_big, 4, 1, 0, bias=False), nn.SiLU(),
+                                  nn.Conv2d(c_big, c_big, 1, 1, 0, bias=False), nn.Sigmoid())
+
+    def forward(self, small, big):
+        return big * self.gate(small)
+
+
 class DCGenerator(nn.Module):
     """DCGAN generator (Radford et al. 2016): dense to the smallest map, stride-2 transposed
     convs with BatchNorm and ReLU, tanh. One conv per level: cheaper per image than `Generator`.
     `image_layer`: "conv", a 3x3 conv writes the image from a full-size map of `width` channels;
-    "deconv", the last transposed conv writes it (DCGAN's own): no full-size feature map."""
+    "deconv", the last transposed conv writes it (DCGAN's own): no full-size feature map.
+    `skip_excitation`: the two smallest maps gate the maps 8x larger (SkipExcitation)."""
 
-    def __init__(self, latent_dim, channels, size, width=64, num_classes=0, image_layer="conv"):
+    def __init__(self, latent_dim, channels, size, width=64, num_classes=0, image_layer="conv", skip_excitation=False):
         super().__init__()
         base, levels = pyramid(size)
         c0 = _channels(width, 0, levels)
         self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         layers = [nn.Linear(latent_dim, c0 * base ** 2), nn.Unflatten(1, (c0, base, base)), nn.BatchNorm2d(c0), nn.ReLU()]
+        self.level_ends = {len(layers) - 1: 0}  # index of the layer that completes each level's map
         for i in range(levels):
             cin, cout = _channels(width, i, levels), _channels(width, i + 1, levels)
             if image_layer == "deconv" and i == levels - 1:
                 layers.append(nn.ConvTranspose2d(cin, channels, 4, 2, 1))
                 break
             layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+            self.level_ends[len(layers) - 1] = i + 1
         else:
             layers.append(nn.Conv2d(_channels(width, levels, levels), channels, 3, 1, 1))
         self.net = nn.Sequential(*layers, nn.Tanh())
+        last_map = max(self.level_ends.values())
+        self.excite = nn.ModuleDict({str(small + 3): SkipExcitation(_channels(width, small, levels),
+                                                                    _channels(width, small + 3, levels))
+                                     for small in (0, 1) if skip_excitation and small + 3 <= last_map})
 
     def forward(self, z, labels=None):
         if self.label_embed is not None:
             z = z * self.label_embed(labels)
-        return self.net(z)
+        if not self.excite:
+            return self.net(z)
+        h, maps = z, {}
+        for index, layer in enumerate(self.net):
+            h = layer(h)
+            level = self.level_ends.get(index)
+            if level is not None:
+                if str(level) in self.excite:
+                    h = self.excite[str(level)](maps[level - 3], h)
+                maps[level] = h
+        return h
 
 
 class DCDiscriminator(nn.Module):
