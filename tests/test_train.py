@@ -351,6 +351,38 @@ def test_dcgan_generator_image_layer():
     assert isinstance(deconv.net[-2], torch.nn.ConvTranspose2d)
 
 
+def test_skip_layer_excitation_is_fastgans_gate():
+    """FastGAN's SLE (Liu et al. 2021, their `SEBlock`): the 4 px map gates the 32 px one and the
+    8 px map the 64 px one, big * sigmoid(conv1x1(swish(conv4x4(avgpool4(small))))), written out here
+    with torch.nn.functional over the generator's own layers; off, the generator is the plain DCGAN G."""
+    import torch.nn.functional as F
+
+    from gen import nets
+    torch.manual_seed(0)
+    G = nets.DCGenerator(128, 3, 64, 8, skip_excitation=True).eval()
+    for m in G.modules():  # BatchNorm's running statistics away from 0/1, so a wrong map shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+
+    def gate(excite, small, big):
+        c1, c2 = excite.gate[1].weight, excite.gate[3].weight
+        return big * torch.sigmoid(F.conv2d(F.silu(F.conv2d(F.adaptive_avg_pool2d(small, 4), c1)), c2))
+
+    z = torch.randn(5, 128)
+    h, maps = z, []
+    for layer in G.net:
+        h = layer(h)
+        if isinstance(layer, torch.nn.ReLU):  # each level's map ends with a ReLU: 4, 8, 16, 32, 64 px
+            if len(maps) in (3, 4):
+                h = gate(G.excite[str(len(maps))], maps[len(maps) - 3], h)
+            maps.append(h)
+    assert [m.shape[-1] for m in maps] == [4, 8, 16, 32, 64]
+    with torch.no_grad():
+        assert torch.allclose(G(z), h, atol=1e-6) and not torch.allclose(G(z), G.net(z), atol=1e-3)
+    plain = nets.DCGenerator(128, 3, 64, 8)
+    assert len(plain.excite) == 0 and plain.state_dict().keys() == {k for k in G.state_dict() if "excite" not in k}
+
+
 def test_mixed_precision_auto_follows_the_cpu():
     """auto = bf16 exactly where the kernel reports AMX tiles (/proc/cpuinfo, read here), else fp32."""
     from gen.train import resolve_precision
