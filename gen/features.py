@@ -91,14 +91,14 @@ def _nt_xent(z1, z2, temperature=0.2):
     return F.cross_entropy(sim, targets)
 
 
-def train_domain_net(images, labels, num_classes, seed=0, steps=None, batch_size=128, progress=True):
+def train_domain_net(images, labels, num_classes, seed=0, steps=None, batch_size=None, progress=True):
     """A classifier (num_classes > 0) or a SimCLR encoder on uint8 images. Deterministic for a seed."""
     from tqdm import tqdm
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     _, c, size, _ = images.shape
     net = DomainNet(c, size, num_classes)
-    steps = steps or _domain_steps()
+    steps, batch_size = steps or _domain_steps(), batch_size or _domain_batch()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     net.train()
@@ -123,9 +123,15 @@ def _domain_steps():
     return int(os.environ.get("DEEPGEN_DOMAIN_STEPS", 600))  # tests train shorter nets
 
 
+def _domain_batch():
+    return int(os.environ.get("DEEPGEN_DOMAIN_BATCH", 128))  # and on smaller batches (128 px)
+
+
 def _domain_key(manifest, split, seed):
     shards = sorted(s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"])
-    text = json.dumps([DOMAIN_VERSION, shards, split, manifest["image_size"], manifest["channels"], seed, _domain_steps()])
+    batch = [_domain_batch()] if _domain_batch() != 128 else []  # (caches from before the knob: no batch)
+    text = json.dumps([DOMAIN_VERSION, shards, split, manifest["image_size"], manifest["channels"], seed, _domain_steps(),
+                       *batch])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
