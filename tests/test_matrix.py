@@ -11,7 +11,7 @@ from helpers import ROOT, TINY, assert_same, launch2, run, state_files
 from gen.config import PRESETS
 
 ARGS = [*TINY, "--log.wandb", "off", "--data.workers", "0", "--train.ckpt_every", "2", "--train.sample_every", "2"]
-EVAL_ENV = {"DEEPGEN_DOMAIN_STEPS": "20"}
+EVAL_ENV = {"DEEPGEN_DOMAIN_STEPS": "20", "DEEPGEN_DOMAIN_BATCH": "16"}
 
 
 @pytest.fixture(scope="module")
