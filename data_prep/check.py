@@ -5,7 +5,6 @@ import io
 import tarfile
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -17,6 +16,7 @@ from . import PrepError
 
 def verify(root):
     """Every problem found, as one line each; an empty list means the shards match the manifest."""
+    import webdataset as wds  # here, not at the top: it imports torch, which writing shards does not need
     root = Path(root)
     manifest = read_manifest(root)
     problems = []

@@ -3,7 +3,6 @@ import io
 import math
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from gen.durable import atomic_write_bytes
@@ -12,6 +11,7 @@ from gen.shard_format import read_manifest, split_shards
 
 def preview(root, out, n=64, split=None):
     """A labeled grid of the first `n` real samples of a split, saved as PNG."""
+    import webdataset as wds  # here, not at the top: it imports torch, which writing shards does not need
     manifest = read_manifest(root)
     split = split or ("train" if "train" in manifest["splits"] else next(iter(manifest["splits"])))
     names = manifest.get("class_names")
