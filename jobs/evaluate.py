@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from gen.cli import command
-from gen.evaluation import SCORES, evaluate_run
 
 
 def table(results):
@@ -24,6 +23,7 @@ def table(results):
                                                if "model_normal_prior" in results else [])
     cols += [(k.replace("_", " "), v) for k, v in results["floors"].items()]
     lines = [f"{'':16}" + "".join(f"{name:>18}" for name, _ in cols)]
+    from gen.evaluation import SCORES
     for key, label, fmt, _ in SCORES:
         if key not in results["model"]:
             continue
@@ -50,9 +50,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3, help="sample sets for FID/KID's spread (first: --seed's)")
     p.add_argument("--truncation", type=float, default=None, help="GAN truncation threshold")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
     p.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     args = p.parse_args(argv)
+    from gen.evaluation import evaluate_run  # after parsing: --help and usage errors without importing torch
+    args.device = args.device or ("cuda" if _cuda() else "cpu")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from gen.run_dir import RunDir
     from gen.tracking import log_eval_to_run

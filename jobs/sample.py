@@ -22,8 +22,6 @@ from gen.cli import command
 
 @command
 def main(argv=None):
-    from gen.run_dir import RunDir
-    from gen.sample import load_generator, write_figures, write_npz
     p = argparse.ArgumentParser(prog="python -m jobs.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run dir (newest checkpoint), a checkpoint folder or an export folder")
@@ -38,6 +36,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="VAE: shards to fit the ex-post mixture on (default: the run's data)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    from gen.run_dir import RunDir  # after parsing: --help and usage errors without importing torch
+    from gen.sample import load_generator, write_figures, write_npz
     g = load_generator(args.run, device=args.device, prior=args.prior, data=args.data)
     if args.truncation is not None and g.is_vae:
         raise UserError("--truncation is for GANs")
