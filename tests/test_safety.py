@@ -18,8 +18,6 @@ from helpers import ROOT, assert_same, built_once, metrics, run, state_files, tr
 
 KILL_ARGS = ["--train.ckpt_every", "1", "--train.log_every", "1", "--train.sample_every", "1000", "--log.wandb", "off",
              "--data.workers", "0"]
-# a checkpoint every step: the sampling statistics from 1 batch of 256, not the suite's 8 (~0.15 s a save)
-KILL_ENV = {"DEEPGEN_BN_BATCHES": "1"}
 CKPT_FILES = {"meta.json", "sampling.safetensors", "model.safetensors", "model_1.safetensors", "optimizer.bin",
               "optimizer_1.bin", "random_states_0.pkl"}
 
@@ -55,14 +53,13 @@ def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shard
     steps = 24
     args = [*KILL_ARGS, "--train.keep_last", str(keep_last), "--train.steps", str(steps)]
     straight = built_once(tmp_path_factory, "kill9-straight", lambda folder: run(train_cmd(
-        mnist_shards, folder / "run", *KILL_ARGS, "--train.keep_last", "1", "--train.steps", str(steps)), env=KILL_ENV,
-        check=True))
+        mnist_shards, folder / "run", *KILL_ARGS, "--train.keep_last", "1", "--train.steps", str(steps)), check=True))
     rng = random.Random(keep_last)
     run_dir = tmp_path / "killed"
     kills = 0
     for _ in range(4):
         before = complete_checkpoints(run_dir)[0][0] if complete_checkpoints(run_dir) else 0
-        proc = start(train_cmd(mnist_shards, run_dir, *args), env=KILL_ENV)
+        proc = start(train_cmd(mnist_shards, run_dir, *args))
         wait_until(lambda: complete_checkpoints(run_dir) and complete_checkpoints(run_dir)[0][0] > before, proc)
         time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is not None:
@@ -78,7 +75,7 @@ def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shard
             load_file(f)  # whole, not torn
         assert len(found) <= keep_last + 1
     assert kills >= 3
-    run(train_cmd(mnist_shards, run_dir, *args), env=KILL_ENV, check=True)
+    run(train_cmd(mnist_shards, run_dir, *args), check=True)
     assert [m["step"] for m in metrics(run_dir) if "train/loss_d" in m] == list(range(1, steps + 1))
     assert_same(state_files(run_dir / f"checkpoints/checkpoint-{steps:07d}"),
                 state_files(straight / f"run/checkpoints/checkpoint-{steps:07d}"))
