@@ -241,7 +241,7 @@ def test_conditional_model_writes_a_grid_per_class(eval_env, tmp_path):
 def test_gan_vs_vae_report_renders_with_every_image(eval_env, gan_run, vae_run, tmp_path):
     _, env, _ = eval_env
     report = tmp_path / "report.html"
-    proc = run(["-m", "jobs.compare", str(gan_run), str(vae_run), "--n", "500", "--out", str(report)],
+    proc = run(["-m", "jobs.compare", str(gan_run), str(vae_run), "--n", "200", "--out", str(report)],
                env=env, check=True)
     assert "Closest to the real data" in proc.stdout and "is a VAE" in proc.stdout
     page = report.read_text()
