@@ -98,7 +98,7 @@ def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
         D = None if sampling_only else nets.SeedDiscriminator(c, num_labels, size)
     elif model_cfg.arch == "dcgan":
         G = nets.DCGenerator(model_cfg.latent_dim, c, size, model_cfg.width, num_labels, model_cfg.g_image_layer,
-                                model_cfg.g_skip_excitation)
+                             model_cfg.g_skip_excitation)
         D = None if sampling_only else nets.DCDiscriminator(
             c, size, model_cfg.width, num_labels, model_cfg.spectral_norm, model_cfg.d_batchnorm,
             model_cfg.d_convs_per_level)

@@ -123,13 +123,17 @@ def _domain_steps():
     return int(os.environ.get("DEEPGEN_DOMAIN_STEPS", 600))  # tests train shorter nets
 
 
+DOMAIN_BATCH = 128
+
+
 def _domain_batch():
-    return int(os.environ.get("DEEPGEN_DOMAIN_BATCH", 128))  # and on smaller batches (128 px)
+    return int(os.environ.get("DEEPGEN_DOMAIN_BATCH", DOMAIN_BATCH))  # and on smaller batches (128 px)
 
 
 def _domain_key(manifest, split, seed):
     shards = sorted(s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"])
-    batch = [_domain_batch()] if _domain_batch() != 128 else []  # (caches from before the knob: no batch)
+    batch = _domain_batch()
+    batch = [batch] if batch != DOMAIN_BATCH else []  # (caches from before the knob: no batch)
     text = json.dumps([DOMAIN_VERSION, shards, split, manifest["image_size"], manifest["channels"], seed, _domain_steps(),
                        *batch])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
