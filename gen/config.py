@@ -54,6 +54,9 @@ class ModelConfig:
     # LeCam (Tseng et al. 2021, for limited data): D's logits pulled toward the EMA of the other
     # set's, which bounds how far D can separate the few real images from the fakes
     lecam: float = 0.0              # weight of the LeCam regulariser on D; 0 = off
+    # FastGAN's self-supervised D (Liu et al. 2021): a decoder on D's 8 px map rebuilds each real
+    # image D sees at half size (MSE), so D must keep features that describe the image, not just split it
+    d_reconstruct: float = 0.0      # weight of D's reconstruction loss on reals; 0 = off
     # alternating: D steps, then G through the updated D (stylegan2-ada); simultaneous: one forward,
     # both losses, both optimizers step together (the Keras notebook's two GradientTapes)
     gan_update: Literal["alternating", "simultaneous"] = "alternating"  # the GAN step: alternating or simultaneous
@@ -238,6 +241,9 @@ def validate(cfg):
         (m.r1_gamma >= 0, f"--model.r1_gamma {m.r1_gamma}: must be 0 or more"),
         (m.r1_every >= 1, f"--model.r1_every {m.r1_every}: must be at least 1"),
         (m.lecam >= 0, f"--model.lecam {m.lecam}: must be 0 or more"),
+        (m.d_reconstruct >= 0, f"--model.d_reconstruct {m.d_reconstruct}: must be 0 or more"),
+        (m.d_reconstruct == 0 or m.arch == "dcgan",
+         f"--model.d_reconstruct {m.d_reconstruct}: only the dcgan D has the decoder (--model.arch dcgan)"),
         (m.beta >= 0, f"--model.beta {m.beta}: must be 0 or more"),
         (m.kl_warmup_steps >= 0, f"--model.kl_warmup_steps {m.kl_warmup_steps}: must be 0 or more"),
         (o.lr > 0, f"--optim.lr {o.lr}: must be positive"),

@@ -101,7 +101,7 @@ def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
                              model_cfg.g_skip_excitation)
         D = None if sampling_only else nets.DCDiscriminator(
             c, size, model_cfg.width, num_labels, model_cfg.spectral_norm, model_cfg.d_batchnorm,
-            model_cfg.d_convs_per_level)
+            model_cfg.d_convs_per_level, model_cfg.d_reconstruct > 0)
     else:
         G = nets.Generator(model_cfg.latent_dim, c, size, model_cfg.width, num_labels)
         D = None if sampling_only else nets.Discriminator(c, size, model_cfg.width, num_labels, model_cfg.spectral_norm,
@@ -135,7 +135,7 @@ class GANFamily(Family):
         # on the fakes too, so D's gradient there is no longer nonsat's alone
         self.one_backward = (model_cfg.one_backward and model_cfg.gan_update == "simultaneous"
                              and model_cfg.gan_loss == "nonsat" and not model_cfg.d_batchnorm and model_cfg.lecam == 0
-                             and mixed_precision != "fp16")
+                             and model_cfg.d_reconstruct == 0 and mixed_precision != "fp16")
         self.num_labels = num_classes if model_cfg.conditional else clusters.count(model_cfg)
         G, D = gan_nets(model_cfg, shape, self.num_labels, sampling_only)
         self.modules = {"G": G} if sampling_only else {"G": G, "D": D}
@@ -195,13 +195,30 @@ class GANFamily(Family):
     def _aug(self, x):
         return diff_augment(x, self.cfg.diffaug)  # the same policy for real and fake
 
+    def _d_forward(self, D, x, labels, reals):
+        """D's logits for x, and with d_reconstruct the MSE of its decoder's rebuilding of the
+        first `reals` images (the augmented ones D saw, at the decoder's size), else None."""
+        if self.cfg.d_reconstruct <= 0:
+            return D(x, labels).float(), None
+        logits, rebuilt = D(x, labels, reconstruct=True)
+        target = F.interpolate(x[:reals].float(), size=rebuilt.shape[-2:], mode="area")
+        return logits.float(), F.mse_loss(rebuilt[:reals].float(), target)
+
     def _d_logits(self, D, real, fake, labels):
-        """D's logits for reals and fakes: one forward pass, or (BatchNorm in D) one per set, so
-        each is normalised by its own batch statistics."""
+        """(real logits, fake logits, reconstruction loss or None): one forward pass, or (BatchNorm
+        in D) one per set, so each is normalised by its own batch statistics."""
         if self.cfg.d_batchnorm:
-            return D(self._aug(real), labels).float(), D(self._aug(fake), labels).float()
+            real_logits, rec = self._d_forward(D, self._aug(real), labels, real.size(0))
+            return real_logits, D(self._aug(fake), labels).float(), rec
         both_labels = torch.cat([labels, labels]) if labels is not None else None
-        return D(self._aug(torch.cat([real, fake])), both_labels).float().chunk(2)
+        logits, rec = self._d_forward(D, self._aug(torch.cat([real, fake])), both_labels, real.size(0))
+        return *logits.chunk(2), rec
+
+    def _with_reconstruction(self, loss_d, out, rec):
+        if rec is None:
+            return loss_d
+        out["d_rec"] = rec.detach()
+        return loss_d + self.cfg.d_reconstruct * rec
 
     def _d_phase(self, batch, step, nets):
         """D on reals and fakes (see _d_logits), plus lazy R1 (_with_r1)."""
@@ -210,10 +227,10 @@ class GANFamily(Family):
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         with torch.no_grad():
             fake = G(z, labels)
-        real_logits, fake_logits = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
+        real_logits, fake_logits, rec = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
         loss = self._d_loss(real_logits, fake_logits)
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
-        loss = self._with_lecam(loss, out, real_logits, fake_logits)
+        loss = self._with_reconstruction(self._with_lecam(loss, out, real_logits, fake_logits), out, rec)
         return {"D": self._with_r1(loss, out, x, labels, step)}, out
 
     def _with_r1(self, loss_d, out, x, labels, step):
@@ -240,11 +257,12 @@ class GANFamily(Family):
         x, labels = batch["image"], self.batch_labels(batch)
         z = torch.randn(x.size(0), self.cfg.latent_dim, device=x.device)
         fake = nets["G"](z, labels)
-        real_logits, fake_logits = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
+        real_logits, fake_logits, rec = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": real_logits.mean().detach(),
                "d_fake": fake_logits.mean().detach()}
-        loss_d = self._with_r1(self._with_lecam(loss_d, out, real_logits, fake_logits), out, x, labels, step)
+        loss_d = self._with_reconstruction(self._with_lecam(loss_d, out, real_logits, fake_logits), out, rec)
+        loss_d = self._with_r1(loss_d, out, x, labels, step)
         if not self.one_backward:
             return {"D": loss_d, "G": loss_g}, out
         g_gradient_from_d_backward(fake, fake_logits)

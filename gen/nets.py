@@ -260,9 +260,12 @@ class DCDiscriminator(nn.Module):
     """The SN-GAN paper's standard CNN discriminator (Miyato et al. 2018): per level a 3x3 conv
     and a stride-2 4x4 conv, a last 3x3 conv, spectral norm, LeakyReLU 0.1, a dense output (+
     projection). `convs_per_level=1`: no 3x3 conv before the stride-2 convs, as DCGAN's D (half
-    the multiply-adds at 28 px). `batchnorm`: BatchNorm after each conv but the first, as DCGAN's D."""
+    the multiply-adds at 28 px). `batchnorm`: BatchNorm after each conv but the first, as DCGAN's D.
+    `reconstruct`: a small decoder rebuilds the input at half size from D's second-smallest map
+    (FastGAN's self-supervised D); `forward(x, reconstruct=True)` returns (logits, reconstruction)."""
 
-    def __init__(self, channels, size, width=64, num_classes=0, sn=True, batchnorm=False, convs_per_level=2):
+    def __init__(self, channels, size, width=64, num_classes=0, sn=True, batchnorm=False, convs_per_level=2,
+                 reconstruct=False):
         super().__init__()
         base, levels = pyramid(size)
         wrap = _sn if sn else (lambda m: m)
@@ -277,17 +280,32 @@ class DCDiscriminator(nn.Module):
                 c, first = cout // 2, False
             layers += [wrap(nn.Conv2d(c, cout, 4, 2, 1)), norm(cout, first), nn.LeakyReLU(0.1)]
             c = cout
+            if i == 1:
+                self.middle, c_middle = len(layers), c  # the map at twice the smallest size ends here
         self.features = nn.Sequential(*layers, wrap(nn.Conv2d(c, c, 3, 1, 1)), nn.LeakyReLU(0.1), nn.Flatten())
         flat = c * base * base
         self.out = wrap(nn.Linear(flat, 1))
         self.label_embed = wrap(nn.Embedding(num_classes, flat)) if num_classes else None
+        self.decoder = None
+        if reconstruct:
+            if levels < 2:
+                raise UserError(f"--model.d_reconstruct needs images of at least 4 x smallest map ({size}px is less)")
+            ups = []
+            for _ in range(levels - 2):  # from 2 x base px up to size / 2
+                ups += [nn.Upsample(scale_factor=2), nn.Conv2d(c_middle, c_middle // 2, 3, 1, 1), nn.LeakyReLU(0.1)]
+                c_middle //= 2
+            self.decoder = nn.Sequential(*ups, nn.Conv2d(c_middle, channels, 3, 1, 1), nn.Tanh())
 
-    def forward(self, x, labels=None):
-        h = self.features(x)
+    def forward(self, x, labels=None, reconstruct=False):
+        if reconstruct:
+            middle = self.features[:self.middle](x)
+            h = self.features[self.middle:](middle)
+        else:
+            h = self.features(x)
         out = self.out(h).squeeze(1)
         if self.label_embed is not None:
             out = out + (self.label_embed(labels) * h).sum(1)
-        return out
+        return (out, self.decoder(middle)) if reconstruct else out
 
 
 class Encoder(nn.Module):

@@ -383,6 +383,56 @@ def test_skip_layer_excitation_is_fastgans_gate():
     assert len(plain.excite) == 0 and plain.state_dict().keys() == {k for k in G.state_dict() if "excite" not in k}
 
 
+def test_self_supervised_d_rebuilds_the_reals_it_sees(mnist_shards):
+    """--model.d_reconstruct (FastGAN's self-supervised D): D's gradient in the loop's step equals
+    the reference written out here, BCE plus w * MSE(decoder(D's 14 px map of the real batch),
+    the real batch average-pooled to 14 px); no decoder without it, the same weights otherwise;
+    switching it on over a run without it is refused, a new weight is not."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from gen import checkpoint
+    from gen.config import parse, to_dict
+    from gen.data import make_loader
+    from gen.families import build_family
+    x = next(iter(make_loader(mnist_shards, 16, workers=0)[0]))["image"]
+    same = ["--preset", "gan-small-data", "--data", str(mnist_shards), "--model.width", "8", "--model.diffaug",
+            "--model.lecam", "0"]
+    cfg = parse([*same, "--model.d_reconstruct", "2.0"])
+    torch.manual_seed(0)
+    family = build_family(cfg.model, cfg.optim, (1, 28, 28), 0)
+    G, D = (copy.deepcopy(family.modules[n]) for n in ("G", "D"))
+    got = d_gradients_of_one_step(family, x)
+
+    torch.manual_seed(7)  # the reference: the same noise, D on each set alone (BatchNorm in D)
+    fake = G(torch.randn(len(x), cfg.model.latent_dim)).detach()
+    middle = D.features[:D.middle](x)
+    assert middle.shape[-1] == 14
+    rebuilt = D.decoder(middle)
+    real_logits, fake_logits = D(x), D(fake)
+    bce = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    rec = (rebuilt - F.avg_pool2d(x, 2)).pow(2).mean()
+    want = torch.autograd.grad(bce + 2.0 * rec, list(D.parameters()))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), float((g - w).abs().max())
+    decoder_grads = [g for (name, _), g in zip(D.named_parameters(), got) if name.startswith("decoder")]
+    assert decoder_grads and all(g.abs().sum() > 0 for g in decoder_grads)  # the decoder is trained
+
+    def fresh_d(model_cfg):
+        torch.manual_seed(0)
+        return build_family(model_cfg, cfg.optim, (1, 28, 28), 0).modules["D"].state_dict()
+    plain, with_decoder = fresh_d(parse(same).model), fresh_d(cfg.model)  # off: no decoder, the same D
+    assert plain.keys() == {k for k in with_decoder if not k.startswith("decoder")} != with_decoder.keys()
+    assert all(torch.equal(v, with_decoder[k]) for k, v in plain.items())
+
+    meta = {"config": to_dict(parse(same)), "shape": [1, 28, 28], "num_classes": 0}
+    with pytest.raises(checkpoint.CheckpointError, match="d_reconstruct"):
+        checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt")
+    meta["config"] = to_dict(parse([*same, "--model.d_reconstruct", "1"]))
+    assert checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt") == ["model.d_reconstruct 1.0 -> 2.0"]
+
+
 def test_mixed_precision_auto_follows_the_cpu():
     """auto = bf16 exactly where the kernel reports AMX tiles (/proc/cpuinfo, read here), else fp32."""
     from gen.train import resolve_precision
