@@ -2,7 +2,7 @@
 resume (gen.checkpoint.plan_resume: the rule for an existing run dir), and whether that checkpoint
 holds the modules this run builds (check_compatible). Only then are an earlier run's files moved
 aside and config.json written, so a refused run leaves the run dir as it found it (a folder it
-created itself is removed again)."""
+created itself is removed again). `Claim.resume` then loads the checkpoint it chose.
 import json
 import logging
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from accelerate.utils import broadcast_object_list
 
 from . import checkpoint
 from .durable import atomic_write_bytes
-from .errors import UserError
+from .errors import UserError, one_line
 from .run_dir import RunDir
 from .runlock import RunLock
 
@@ -23,6 +23,22 @@ class Claim:
     checkpoint: str | None     # to resume from; None: a fresh start
     branch: bool               # it is older than checkpoints moved aside: a new W&B run
     lock: RunLock | None       # held by the main process until the run ends
+
+    def resume(self, accelerator, state, run_dir):
+        """Load the checkpoint chosen, if any, into what the accelerator registered (state among
+        them). A branch off an older checkpoint (newer ones were moved aside) starts a new W&B
+        run: the old one has logged past this step."""
+        if not self.checkpoint:
+            return
+        try:
+            accelerator.load_state(self.checkpoint)
+        except Exception as e:  # a checkpoint written before checksums were recorded, damaged
+            raise checkpoint.CheckpointError(f"cannot load checkpoint {self.checkpoint}: {one_line(e)}") from None
+        if self.branch:
+            state.wandb_run_id = None
+        if accelerator.is_main_process:
+            log.info("resumed from %s at step %d", self.checkpoint, state.step)
+            run_dir.truncate_metrics(state.step)
 
 
 def claim_run_dir(accelerator, train_cfg, config_dict, shape, num_classes):

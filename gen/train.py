@@ -31,7 +31,6 @@ from .claim import claim_run_dir
 from .config import to_dict, validate
 from .data import TrainingBatches, load_real
 from .ema import EMA
-from .errors import one_line
 from .families import build_family
 from .latent_prior import FIT_IMAGES
 from .evaluation import TrainingEvaluation
@@ -141,7 +140,7 @@ class Run:
             acc.register_for_checkpointing(self.ema)
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
-        self.resume()
+        self.claim.resume(acc, self.state, self.run_dir)
         self.open_data()
         # W&B on the main process, the same run id across resumes; metrics.jsonl beside it
         self.mode = tracking.start(acc, cfg, self.config_dict, self.state) if self.main else None
@@ -152,21 +151,6 @@ class Run:
                         unit="step", mininterval=1.0)
         self.monitor = Monitor(acc, self.family, self.state, tc.batch_size * tc.grad_accum * acc.num_processes)
         self.sampler = StepSampler(self.family, cfg, self.meta, acc.device, self.rng_devices)
-
-    def resume(self):
-        """Load the checkpoint the claim chose, if any. A branch off an older checkpoint (newer ones
-        were moved aside) starts a new W&B run: the old one has logged past this step."""
-        if not self.last_ckpt:
-            return
-        try:
-            self.accelerator.load_state(self.last_ckpt)
-        except Exception as e:  # a checkpoint written before checksums were recorded, damaged
-            raise checkpoint.CheckpointError(f"cannot load checkpoint {self.last_ckpt}: {one_line(e)}") from None
-        if self.claim.branch:
-            self.state.wandb_run_id = None
-        if self.main:
-            log.info("resumed from %s at step %d", self.last_ckpt, self.state.step)
-            self.run_dir.truncate_metrics(self.state.step)
 
     def open_data(self):
         """This rank's share of the shards, continuing exactly where the checkpoint left off."""
