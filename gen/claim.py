@@ -2,7 +2,7 @@
 resume (gen.checkpoint.plan_resume: the rule for an existing run dir), and whether that checkpoint
 holds the modules this run builds (check_compatible). Only then are an earlier run's files moved
 aside and config.json written, so a refused run leaves the run dir as it found it (a folder it
-created itself is removed again). `Claim.resume` then loads the checkpoint it chose.
+created itself is removed again). `Claim.resume` then loads the checkpoint it chose."""
 import json
 import logging
 from dataclasses import dataclass
