@@ -1,6 +1,7 @@
 """Augmentations. DiffAugment (Zhao et al. 2020): differentiable augmentations applied to every
 image D sees, real and fake alike, so D cannot memorise a small data set (the policy is a tuple of
-names). random_mirror: the data set's own left-right mirror images (--data.hflip)."""
+names), each image every op, or (ADA's adaptive strength) each op with probability p.
+random_mirror: the data set's own left-right mirror images (--data.hflip)."""
 import torch
 import torch.nn.functional as F
 
@@ -61,10 +62,16 @@ def check_policy(policy):
         raise UserError(f"unknown DiffAugment op(s) {unknown}; known: {sorted(AUGMENT_FNS)}")
 
 
-def diff_augment(x, policy):
+def diff_augment(x, policy, p=None):
+    """x through every op of the policy; with p (a 0-d tensor: ADA's strength, gen/regularisers.py)
+    each op acts on each image with probability p, as in ADA's pipeline."""
     for name in policy:
         for fn in AUGMENT_FNS[name]:
-            x = fn(x)
+            if p is None:
+                x = fn(x)
+            else:
+                on = torch.rand(x.size(0), 1, 1, 1, device=x.device) < p
+                x = torch.where(on, fn(x), x)
     return x
 
 

@@ -182,9 +182,10 @@ def read_meta(path):
 # model settings that only change the losses, not what a checkpoint holds: a run may resume with
 # other values (a stronger R1 after a divergence, say), and says so in one warning line
 LOSS_SETTINGS = ("gan_loss", "gan_update", "one_backward", "r1_gamma", "r1_every", "diffaug", "beta",
-                 "kl_warmup_steps", "kl", "binarize", "ema_decay", "lecam", "d_reconstruct")
-# loss settings whose 0 also removes state (the EMA copy, LeCam's averages, D's decoder)
-ON_OFF = ("ema_decay", "lecam", "d_reconstruct")
+                 "kl_warmup_steps", "kl", "binarize", "ema_decay", "lecam", "d_reconstruct",
+                 "ada_target", "ada_kimg")
+# loss settings whose 0 also removes state (the EMA copy, LeCam's averages, D's decoder, ADA's strength)
+ON_OFF = ("ema_decay", "lecam", "d_reconstruct", "ada_target")
 
 
 def check_compatible(meta, config_dict, shape, num_classes, path):

@@ -63,6 +63,10 @@ class ModelConfig:
     # exact with the nonsat loss and no BatchNorm in D (docs/design.md); seed-gan keeps the notebook's two
     one_backward: bool = True       # simultaneous step: G's gradient out of D's one backward pass
     diffaug: tuple[str, ...] = ()   # DiffAugment policy for D's inputs: color, translation, cutout
+    # ADA (Karras et al. 2020): each op on each image with probability p, p raised while D is
+    # too sure of the reals (E[sign(D(real))] above the target), lowered otherwise; p starts at 0
+    ada_target: float = 0.0         # ADA: target of E[sign(D(real))] (the paper's 0.6); 0 = off (p = 1)
+    ada_kimg: float = 10.0          # ADA: thousands of real images for p to move from 0 to 1
     ema_decay: float = 0.999        # EMA of G (or of the VAE) used for samples; 0 = off
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"  # VAE: Gaussian (learned scale) or Bernoulli pixels
     binarize: bool = False          # VAE: Bernoulli on binarised pixels, as the TF tutorial does
@@ -242,6 +246,9 @@ def validate(cfg):
         (m.r1_every >= 1, f"--model.r1_every {m.r1_every}: must be at least 1"),
         (m.lecam >= 0, f"--model.lecam {m.lecam}: must be 0 or more"),
         (m.d_reconstruct >= 0, f"--model.d_reconstruct {m.d_reconstruct}: must be 0 or more"),
+        (0 <= m.ada_target < 1, f"--model.ada_target {m.ada_target}: must be in [0, 1)"),
+        (m.ada_target == 0 or m.diffaug, f"--model.ada_target {m.ada_target}: needs a --model.diffaug policy"),
+        (m.ada_kimg > 0, f"--model.ada_kimg {m.ada_kimg}: must be positive"),
         (m.d_reconstruct == 0 or m.arch == "dcgan",
          f"--model.d_reconstruct {m.d_reconstruct}: only the dcgan D has the decoder (--model.arch dcgan)"),
         (m.beta >= 0, f"--model.beta {m.beta}: must be 0 or more"),

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import clusters, latent_prior, nets
+from . import clusters, latent_prior, nets, regularisers
 from .augment import check_policy, diff_augment
 from .data import to_float
 from .errors import UserError
@@ -84,8 +84,6 @@ class Family:
         return None  # latents from N(0, I)
 
 
-LECAM_EMA_WEIGHT = 0.01  # the paper's decay 0.99
-
 
 def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
     """(G, D) of the configured architecture (D None when only sampling), self-conditioning buffers on G."""
@@ -108,10 +106,10 @@ def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
                                                            model_cfg.d_batchnorm)
     if clusters.count(model_cfg):
         clusters.attach(G, clusters.count(model_cfg), shape, model_cfg.cluster_method)
-    if D is not None and model_cfg.lecam > 0:
-        # LeCam's running means of D's logits (real, fake): a buffer, so checkpoints carry it (each
-        # update averages every rank's batch, so it is the same on every rank)
-        D.register_buffer("lecam_means", torch.zeros(2))
+    if D is not None and model_cfg.lecam > 0:  # (gen/regularisers.py: buffers, so checkpoints carry them)
+        D.register_buffer("lecam_means", torch.zeros(2))  # D's mean logits (real, fake), running
+    if D is not None and model_cfg.ada_target > 0:
+        D.register_buffer("ada", torch.zeros(3))  # ADA's strength p, and the signs and images since it moved
     return G, D
 
 
@@ -160,23 +158,21 @@ class GANFamily(Family):
             return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()  # BCE with logits
 
-    def _with_lecam(self, loss_d, out, real_logits, fake_logits):
-        """D's loss plus LeCam (Tseng et al. 2021): each set's logits pulled toward the EMA (0.99)
-        of the other's, then the EMA updated from this batch."""
-        if self.cfg.lecam <= 0:
-            return loss_d
-        means = self.modules["D"].lecam_means
-        mean_real, mean_fake = means.clone()
-        reg = (real_logits - mean_fake).pow(2).mean() + (fake_logits - mean_real).pow(2).mean()
-        with torch.no_grad():
-            batch = torch.stack([real_logits.mean(), fake_logits.mean()])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # every rank's batch in the means: the buffer stays the same on every rank
-                torch.distributed.all_reduce(batch)
-                batch /= torch.distributed.get_world_size()
-            means.lerp_(batch, LECAM_EMA_WEIGHT)
-        out["lecam"] = reg.detach()
-        return loss_d + self.cfg.lecam * reg
+    def _with_regularisers(self, loss_d, out, real_logits, fake_logits, rec):
+        """D's loss plus LeCam and the reconstruction loss (when on); ADA's strength follows D's
+        real logits (gen/regularisers.py)."""
+        D = self.modules["D"]
+        if self.cfg.ada_target > 0:
+            regularisers.adapt_strength(D.ada, real_logits, self.cfg.ada_target, self.cfg.ada_kimg)
+            out["ada_p"] = D.ada[0].clone()
+        if self.cfg.lecam > 0:
+            reg = regularisers.lecam(D.lecam_means, real_logits, fake_logits)
+            out["lecam"] = reg.detach()
+            loss_d = loss_d + self.cfg.lecam * reg
+        if rec is not None:
+            out["d_rec"] = rec.detach()
+            loss_d = loss_d + self.cfg.d_reconstruct * rec
+        return loss_d
 
     def _g_loss(self, fake_logits):
         return -fake_logits.mean() if self.cfg.gan_loss == "hinge" else F.softplus(-fake_logits).mean()
@@ -192,8 +188,8 @@ class GANFamily(Family):
         """On the device (no sync): D pinned at 100 % accuracy with G's loss exploding."""
         return (means["loss_g"] > 100) & (means["d_real"] - means["d_fake"] > 20)
 
-    def _aug(self, x):
-        return diff_augment(x, self.cfg.diffaug)  # the same policy for real and fake
+    def _aug(self, x):  # the same policy (and ADA strength) for real and fake
+        return diff_augment(x, self.cfg.diffaug, self.modules["D"].ada[0] if self.cfg.ada_target > 0 else None)
 
     def _d_forward(self, D, x, labels, reals):
         """D's logits for x, and with d_reconstruct the MSE of its decoder's rebuilding of the
@@ -201,8 +197,7 @@ class GANFamily(Family):
         if self.cfg.d_reconstruct <= 0:
             return D(x, labels).float(), None
         logits, rebuilt = D(x, labels, reconstruct=True)
-        target = F.interpolate(x[:reals].float(), size=rebuilt.shape[-2:], mode="area")
-        return logits.float(), F.mse_loss(rebuilt[:reals].float(), target)
+        return logits.float(), regularisers.reconstruction(rebuilt[:reals], x[:reals])
 
     def _d_logits(self, D, real, fake, labels):
         """(real logits, fake logits, reconstruction loss or None): one forward pass, or (BatchNorm
@@ -214,12 +209,6 @@ class GANFamily(Family):
         logits, rec = self._d_forward(D, self._aug(torch.cat([real, fake])), both_labels, real.size(0))
         return *logits.chunk(2), rec
 
-    def _with_reconstruction(self, loss_d, out, rec):
-        if rec is None:
-            return loss_d
-        out["d_rec"] = rec.detach()
-        return loss_d + self.cfg.d_reconstruct * rec
-
     def _d_phase(self, batch, step, nets):
         """D on reals and fakes (see _d_logits), plus lazy R1 (_with_r1)."""
         G = self.modules["G"]  # no gradients, no DDP collectives
@@ -230,7 +219,7 @@ class GANFamily(Family):
         real_logits, fake_logits, rec = self._d_logits(nets["D"], x, fake.to(x.dtype), labels)
         loss = self._d_loss(real_logits, fake_logits)
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach()}
-        loss = self._with_reconstruction(self._with_lecam(loss, out, real_logits, fake_logits), out, rec)
+        loss = self._with_regularisers(loss, out, real_logits, fake_logits, rec)
         return {"D": self._with_r1(loss, out, x, labels, step)}, out
 
     def _with_r1(self, loss_d, out, x, labels, step):
@@ -261,8 +250,7 @@ class GANFamily(Family):
         loss_d, loss_g = self._d_loss(real_logits, fake_logits), self._g_loss(fake_logits)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": real_logits.mean().detach(),
                "d_fake": fake_logits.mean().detach()}
-        loss_d = self._with_reconstruction(self._with_lecam(loss_d, out, real_logits, fake_logits), out, rec)
-        loss_d = self._with_r1(loss_d, out, x, labels, step)
+        loss_d = self._with_r1(self._with_regularisers(loss_d, out, real_logits, fake_logits, rec), out, x, labels, step)
         if not self.one_backward:
             return {"D": loss_d, "G": loss_g}, out
         g_gradient_from_d_backward(fake, fake_logits)

@@ -30,7 +30,8 @@ from wandb_records import history, run_id
     ("gan", ["--model.diffaug", "color", "translation", "cutout", "--model.r1_gamma", "1", "--model.r1_every", "2",
              "--data.hflip"]),
     ("vae", ["--optim.warmup_steps", "30"]),  # the LR still ramps across the resume point
-    ("gan-small-data", ["--model.lecam", "0.3"]),  # BatchNorm in D, DiffAugment, LeCam's running means
+    # BatchNorm in D, DiffAugment, LeCam's running means, ADA's strength, D's decoder
+    ("gan-small-data", ["--model.lecam", "0.3", "--model.ada_target", "0.6", "--model.d_reconstruct", "1"]),
 ])
 def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
     """k steps + resume + k steps == 2k steps: weights, EMA, optimizer, RNG; and the batches,
@@ -76,9 +77,12 @@ def test_resume_is_bit_identical(mnist_shards, tmp_path, preset, extra):
 DDP_CASES = {
     "fp32": ["--train.mixed_precision", "no"],
     "bf16": ["--train.mixed_precision", "bf16"],
-    # D runs twice per step (BatchNorm in D); LeCam's running means stay the same on both ranks
-    "batchnorm-d-lecam": ["--train.mixed_precision", "no", "--model.arch", "dcgan", "--model.d-batchnorm",
-                          "--model.no-spectral-norm", "--model.lecam", "0.3"],
+    # D runs twice per step (BatchNorm in D), its decoder in the first pass only; LeCam's running
+    # means and ADA's strength stay the same on both ranks
+    "batchnorm-d-lecam-ada": ["--train.mixed_precision", "no", "--model.arch", "dcgan", "--model.d-batchnorm",
+                              "--model.no-spectral-norm", "--model.lecam", "0.3", "--model.diffaug", "color",
+                              "translation", "--model.ada_target", "0.6", "--model.ada_kimg", "1",
+                              "--model.d_reconstruct", "1"],
     # torch.compile under DDP (tests/test_compile.py: the compiled step itself), the gradients
     # all-reduced as bf16 (--train.ddp_comm_hook): the ranks still agree bit for bit
     "compile-bf16-hook": ["--train.mixed_precision", "no", "--train.compile", "--train.ddp_comm_hook", "bf16"],
@@ -431,6 +435,35 @@ def test_self_supervised_d_rebuilds_the_reals_it_sees(mnist_shards):
         checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt")
     meta["config"] = to_dict(parse([*same, "--model.d_reconstruct", "1"]))
     assert checkpoint.check_compatible(meta, to_dict(cfg), (1, 28, 28), 0, "ckpt") == ["model.d_reconstruct 1.0 -> 2.0"]
+
+
+def test_ada_strength_follows_the_sign_of_ds_real_logits():
+    """--model.ada_target (ADA, Karras et al. 2020): every 256 real images p moves by
+    images / (ada_kimg * 1000) up when E[sign(D(real))] is above the target, down when below,
+    within [0, 1] (the formula written out here); each DiffAugment op then acts on a share p of
+    the images (counted), none at p = 0, all at p = 1."""
+    from gen.augment import diff_augment
+    from gen.regularisers import adapt_strength
+    ada = torch.tensor([0.5, 0.0, 0.0])
+    mostly_real = torch.tensor([1.0] * 40 + [-1.0] * 24)  # r = 0.25 < 0.6: D not overfitting
+    for call in range(4):
+        adapt_strength(ada, mostly_real, 0.6, 10)
+        if call < 3:  # 64, 128, 192 images: not yet
+            assert ada[0] == 0.5 and ada[2] == 64 * (call + 1) and ada[1] == 16 * (call + 1)
+    assert torch.allclose(ada, torch.tensor([0.5 - 256 / 10_000, 0, 0]))
+    for _ in range(4):
+        adapt_strength(ada, torch.ones(64), 0.6, 10)  # r = 1 > 0.6: up
+    assert torch.allclose(ada, torch.tensor([0.5, 0, 0]))
+    ada[0] = 0.99
+    for _ in range(4):
+        adapt_strength(ada, torch.ones(64), 0.6, 1)
+    assert ada[0] == 1.0  # clamped
+
+    torch.manual_seed(0)
+    gray = torch.zeros(4000, 3, 8, 8)  # only brightness changes a gray image (saturation, contrast keep it)
+    changed = lambda p: float((diff_augment(gray, ("color",), torch.tensor(p)) != gray).flatten(1).any(1).float().mean())  # noqa: E731
+    assert changed(0.0) == 0 and changed(1.0) == 1
+    assert abs(changed(0.3) - 0.3) < 0.03  # 4 sigma of a binomial share over 4,000 images
 
 
 def test_mixed_precision_auto_follows_the_cpu():
