@@ -27,6 +27,9 @@ import pytest  # noqa: E402
 from helpers import make_mnist_shards  # noqa: E402
 
 
+SHARED_RUNS = ("gan_run", "vae_run")  # tests/test_eval.py's runs, trained once per session
+
+
 def pytest_addoption(parser):
     parser.addoption("--bench", action="store_true", help="also run the tests marked bench (benchmark scripts, minutes each)")
 
@@ -44,6 +47,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         elif shared:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # a test that needs a shared run (tests/test_eval.py, built_once) while another worker builds
+    # it waits idle (24 s of 6:34): one test per run goes first among the single tests, so each
+    # run is built while the other worker runs other tests, before the rest of its tests come up
+    builders = [next((i for i in items if run in i.fixturenames and not (set(SHARED_RUNS) - {run}) & set(i.fixturenames)),
+                     None) for run in SHARED_RUNS]
+    builders = [i for i in builders if i is not None]
+    items[:] = builders + [i for i in items if i not in builders]
 
 
 @pytest.fixture(scope="session")
