@@ -84,7 +84,6 @@ class Family:
         return None  # latents from N(0, I)
 
 
-
 def gan_nets(model_cfg, shape, num_labels, sampling_only=False):
     """(G, D) of the configured architecture (D None when only sampling), self-conditioning buffers on G."""
     c, size, _ = shape
