@@ -35,17 +35,17 @@ EPOCH_CASES = {"five-2": ("five", 2), "two-2": ("two", 2), "five-0": ("five", 0)
 def epoch_keys(mnist_shards, two_shards, tmp_path_factory):
     """Which keys each of 2 ranks read in one epoch, per case of EPOCH_CASES, in one launch."""
     out = tmp_path_factory.mktemp("epoch") / "keys.json"
-    cases = [arg for name, (layout, workers) in EPOCH_CASES.items()
-             for arg in ("--case", name, str(mnist_shards if layout == "five" else two_shards), str(workers))]
+    shards = {name: mnist_shards if layout == "five" else two_shards for name, (layout, _) in EPOCH_CASES.items()}
+    cases = [arg for name, (_, workers) in EPOCH_CASES.items() for arg in ("--case", name, str(shards[name]), str(workers))]
     proc = run([*launch2(), str(Path(__file__).parent / "loader_ranks.py"), str(out), *cases], timeout=300)
-    return proc, json.loads(out.read_text()) if out.is_file() else {}
+    return proc, json.loads(out.read_text()) if out.is_file() else {}, shards
 
 
 @pytest.mark.parametrize("case", list(EPOCH_CASES))
-def test_epoch_mode_under_two_processes_is_a_partition(case, epoch_keys, mnist_shards, two_shards):
-    proc, report = epoch_keys
+def test_epoch_mode_under_two_processes_is_a_partition(case, epoch_keys):
+    proc, report, shards = epoch_keys
     assert case in report, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    shards = mnist_shards if EPOCH_CASES[case][0] == "five" else two_shards
+    shards = shards[case]
     rank0, rank1 = (set(k) for k in report[case])
     assert rank0 and rank1 and not rank0 & rank1          # disjoint
     assert rank0 | rank1 == all_keys(shards)               # together: the whole data set, once

@@ -441,7 +441,8 @@ def test_ada_strength_follows_the_sign_of_ds_real_logits():
     """--model.ada_target (ADA, Karras et al. 2020): every 256 real images p moves by
     images / (ada_kimg * 1000) up when E[sign(D(real))] is above the target, down when below,
     within [0, 1] (the formula written out here); each DiffAugment op then acts on a share p of
-    the images (counted), none at p = 0, all at p = 1."""
+    the images (counted), none at p = 0, all at p = 1; switching it on over a run without it is
+    refused, a new target is not."""
     from gen.augment import diff_augment
     from gen.regularisers import adapt_strength
     ada = torch.tensor([0.5, 0.0, 0.0])
@@ -464,6 +465,17 @@ def test_ada_strength_follows_the_sign_of_ds_real_logits():
     changed = lambda p: float((diff_augment(gray, ("color",), torch.tensor(p)) != gray).flatten(1).any(1).float().mean())  # noqa: E731
     assert changed(0.0) == 0 and changed(1.0) == 1
     assert abs(changed(0.3) - 0.3) < 0.03  # 4 sigma of a binomial share over 4,000 images
+
+    # p is state (a buffer of D): on/off is structural for a resume, another target a loss setting
+    from gen import checkpoint
+    from gen.config import parse, to_dict
+    same = ["--preset", "gan-small-data", "--model.width", "8"]
+    cfg = to_dict(parse([*same, "--model.ada_target", "0.6"]))
+    meta = {"config": to_dict(parse(same)), "shape": [1, 28, 28], "num_classes": 0}
+    with pytest.raises(checkpoint.CheckpointError, match="ada_target"):
+        checkpoint.check_compatible(meta, cfg, (1, 28, 28), 0, "ckpt")
+    meta["config"] = to_dict(parse([*same, "--model.ada_target", "0.5"]))
+    assert checkpoint.check_compatible(meta, cfg, (1, 28, 28), 0, "ckpt") == ["model.ada_target 0.5 -> 0.6"]
 
 
 def test_mixed_precision_auto_follows_the_cpu():
