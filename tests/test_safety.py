@@ -57,7 +57,7 @@ def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shard
     rng = random.Random(keep_last)
     run_dir = tmp_path / "killed"
     kills = 0
-    for _ in range(4):
+    for _ in range(3):  # three kills (each one a process start-up, ~4 CPU-s)
         before = complete_checkpoints(run_dir)[0][0] if complete_checkpoints(run_dir) else 0
         proc = start(train_cmd(mnist_shards, run_dir, *args))
         wait_until(lambda: complete_checkpoints(run_dir) and complete_checkpoints(run_dir)[0][0] > before, proc)
@@ -74,7 +74,7 @@ def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shard
         for f in newest.glob("*.safetensors"):
             load_file(f)  # whole, not torn
         assert len(found) <= keep_last + 1
-    assert kills >= 3
+    assert kills == 3
     run(train_cmd(mnist_shards, run_dir, *args), check=True)
     assert [m["step"] for m in metrics(run_dir) if "train/loss_d" in m] == list(range(1, steps + 1))
     assert_same(state_files(run_dir / f"checkpoints/checkpoint-{steps:07d}"),

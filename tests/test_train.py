@@ -177,7 +177,8 @@ def test_stop_signal_to_one_rank_stops_both(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
     out = tmp_path / "ranks.json"
     args = ["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(run_dir), *TINY,
-            "--train.steps", "100000", "--train.log_every", "2", "--log.wandb", "off", "--train.ckpt_every", "100000"]
+            "--train.steps", "100000", "--train.log_every", "2", "--log.wandb", "off", "--train.ckpt_every", "100000",
+            "--data.workers", "0"]
     launcher = subprocess.Popen([sys.executable, *launch2(), str(ROOT / "tests" / "train_ranks.py"), str(out), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for_step(run_dir, 4, process_running(launcher))
