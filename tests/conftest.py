@@ -11,11 +11,11 @@ tests (benchmark scripts end to end) run only with `--bench`."""
 import os
 
 
-# BatchNorm statistics from 2 batches (512 latents), not 40, in every run a test starts (inherited
+# BatchNorm statistics from 1 batch (256 latents), not 40, in every run a test starts (inherited
 # by its subprocesses): tests checkpoint every few steps, and each save recomputes them (8 batches
-# cost the kill -9 test ~14 of its 62 CPU-s). tests/test_sampling.py, which checks the statistics
-# themselves, puts the 40 back.
-os.environ.setdefault("DEEPGEN_BN_BATCHES", "2")
+# cost the kill -9 test ~14 of its 62 CPU-s; at 128 px 2 batches cost 6 s).
+# tests/test_sampling.py, which checks the statistics themselves, puts the 40 back.
+os.environ.setdefault("DEEPGEN_BN_BATCHES", "1")
 # Side by side on xdist workers, one thread per process (inherited by the runs a test starts):
 # torch's default of one per core made two tests fight over 2 cores (the suite took 1.8x the CPU time).
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
