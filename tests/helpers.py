@@ -161,6 +161,9 @@ def make_mnist_shards(root, digits, n_train, n_test, shard_size):
 
 
 TINY = ["--model.width", "8", "--train.batch_size", "16", "--log.num_samples", "16"]
+# the gan preset without its self-conditioning, for the tests of processes (signals, kills, W&B's
+# key): a fresh run then skips the clustering and sklearn's import, ~2 of its ~7 CPU-s
+NO_CLUSTERS = ["--model.self_condition", "0"]
 
 
 def train_cmd(shards, run_dir, *extra, preset="gan"):

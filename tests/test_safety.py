@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, assert_same, built_once, metrics, run, state_files, train_cmd
+from helpers import NO_CLUSTERS, ROOT, assert_same, built_once, metrics, run, state_files, train_cmd
 
 KILL_ARGS = ["--train.ckpt_every", "1", "--train.log_every", "1", "--train.sample_every", "1000", "--log.wandb", "off",
-             "--data.workers", "0"]
+             "--data.workers", "0", *NO_CLUSTERS]
 CKPT_FILES = {"meta.json", "sampling.safetensors", "model.safetensors", "model_1.safetensors", "optimizer.bin",
               "optimizer_1.bin", "random_states_0.pkl"}
 
@@ -85,7 +85,7 @@ def test_kill9_at_random_moments_always_leaves_a_complete_checkpoint(mnist_shard
 
 def test_one_run_per_run_dir(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
-    first = start(train_cmd(mnist_shards, run_dir, "--train.steps", "2000", "--train.ckpt_every", "25",
+    first = start(train_cmd(mnist_shards, run_dir, *NO_CLUSTERS, "--train.steps", "2000", "--train.ckpt_every", "25",
                             "--train.log_every", "1", "--log.wandb", "off", "--data.workers", "0"))
     wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and metrics(run_dir), first)
     assert first.poll() is None, first.communicate()[1][-2000:]
@@ -101,7 +101,7 @@ def test_one_run_per_run_dir(mnist_shards, tmp_path):
     wait_until(lambda: complete_checkpoints(run_dir), first)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    third = run(train_cmd(mnist_shards, run_dir, "--train.steps", "30", "--train.ckpt_every", "25",
+    third = run(train_cmd(mnist_shards, run_dir, *NO_CLUSTERS, "--train.steps", "30", "--train.ckpt_every", "25",
                           "--log.wandb", "off", "--data.workers", "0"), check=True)
     assert "took over the run dir lock" in third.stderr and "its process has ended" in third.stderr
     assert not (run_dir / ".lock").exists()  # released at the end

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from helpers import (ROOT, TINY, assert_same, job_running, launch2, logs, metrics, run, state_files, submit, train_args,
-                     wait_done, wait_for_step)
+from helpers import (NO_CLUSTERS, ROOT, TINY, assert_same, job_running, launch2, logs, metrics, run, state_files, submit,
+                     train_args, wait_done, wait_for_step)
 
 pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode,
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slurm,
 def test_two_tasks_on_one_node_train_with_ddp(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
     (job,), out = submit("--partition", "debug", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "60",
-                         "--", *train_args(mnist_shards, run_dir, 8, "--train.sample_every", "4"))
+                         "--", *train_args(mnist_shards, run_dir, 8, "--train.sample_every", "4", *NO_CLUSTERS))
     assert f"run dir {run_dir}" in out and "logs:" in out
     assert wait_done(job) == ("COMPLETED", 0), logs(run_dir)[-3000:]
     assert (run_dir / "samples/step-0000008.png").is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    NO_CLUSTERS,
     ROOT,
     TINY,
     assert_same,
@@ -156,8 +157,8 @@ def test_grad_accumulation_gives_the_big_batch_gradients(accum_reports, case, ra
 def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
     # check_every far away: a lone process stops at the step after the signal, not at the next check
-    cmd = [sys.executable, *train_cmd(mnist_shards, run_dir, "--train.steps", "100000", "--train.log_every", "2",
-                                      "--log.wandb", "off", "--train.ckpt_every", "100000",
+    cmd = [sys.executable, *train_cmd(mnist_shards, run_dir, *NO_CLUSTERS, "--train.steps", "100000",
+                                      "--train.log_every", "2", "--log.wandb", "off", "--train.ckpt_every", "100000",
                                       "--train.check_every", "5000")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for_step(run_dir, 4, process_running(proc))
@@ -169,14 +170,15 @@ def test_sigterm_saves_then_resume_continues(mnist_shards, tmp_path):
     step = int(re.search(r"stopped by signal 15 at step (\d+):", out).group(1))
     assert logged <= step < 5000, (logged, step)
     assert (run_dir / f"checkpoints/checkpoint-{step:07d}/meta.json").is_file()
-    again = run(train_cmd(mnist_shards, run_dir, "--train.steps", str(step + 3), "--log.wandb", "off"), check=True)
+    again = run(train_cmd(mnist_shards, run_dir, *NO_CLUSTERS, "--train.steps", str(step + 3), "--log.wandb", "off"),
+                check=True)
     assert f"at step {step}" in again.stderr and f"done at step {step + 3}" in again.stdout
 
 
 def test_stop_signal_to_one_rank_stops_both(mnist_shards, tmp_path):
     run_dir = tmp_path / "run"
     out = tmp_path / "ranks.json"
-    args = ["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(run_dir), *TINY,
+    args = ["--preset", "gan", "--data", str(mnist_shards), "--train.run_dir", str(run_dir), *TINY, *NO_CLUSTERS,
             "--train.steps", "100000", "--train.log_every", "2", "--log.wandb", "off", "--train.ckpt_every", "100000",
             "--data.workers", "0"]
     launcher = subprocess.Popen([sys.executable, *launch2(), str(ROOT / "tests" / "train_ranks.py"), str(out), *args],
@@ -250,7 +252,7 @@ def test_wandb_without_key_falls_back_offline_with_one_warning(mnist_shards, tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(HOME=str(tmp_path), WANDB_API_KEY="")
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, *train_cmd(mnist_shards, run_dir, "--train.steps", "2", "--data.workers", "0")]
+    cmd = [sys.executable, *train_cmd(mnist_shards, run_dir, *NO_CLUSTERS, "--train.steps", "2", "--data.workers", "0")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("W&B: no API key") == 1
