@@ -24,6 +24,8 @@ CHANGES = {
     "G lr 2x": ("glr2x-s1", "glr2x-s2"),
     "3x lr": ("lr3x-s1", "lr3x-s2"),
     "cosine lr": ("cosine-s1", "cosine-s2"),
+    "longer EMA": ("ema-longer-s1", "ema-longer-s2"),
+    "batch 16": ("batch16-s1", "batch16-s2"),
 }
 LONG_CPU = {"no LeCam, 30 min alone": "30min-2026-12-05", "LeCam 0.3, 30 min": "30min-lecam-s0",
             "bf16, 30 min": "30min-s0-fp32-vs-bf16-bf16"}
@@ -34,11 +36,11 @@ STOPPED = {"side-by-side-s2-base": 96_032, "side-by-side-s2-lecam": 96_288}
 def load(name, images=None):
     runs = json.loads((DOCS / f"quality-pokemon-{name}.json").read_text())
     run = [r for r in runs if r["label"] == "gan-small-data" and (images is None or r["images"] == images)][-1]
-    return dict(run, images=STOPPED.get(name, run["images"]))
+    return dict(run, images=STOPPED.get(name, run["images"]), per_step=run["images"] // run["steps"])
 
 
-def line(ax, run, label, batch=32, scale=1e3, **style):
-    xs = [step * batch / scale for step, _ in run["fid_curve"]] + [run["images"] / scale]
+def line(ax, run, label, scale=1e3, **style):
+    xs = [step * run["per_step"] / scale for step, _ in run["fid_curve"]] + [run["images"] / scale]
     ys = [fid for _, fid in run["fid_curve"]] + [run["scores"]["model"]["fid"]]
     ax.plot(xs, ys, marker="o", ms=3, label=f"{label}: {ys[-1]:.2f}", **style)
 
@@ -63,7 +65,7 @@ def main():
         line(axes[2], load(name), label)
     line(axes[2], load("30min", images=224_000), "no LeCam, 2026-11-30's machine")
     axes[2].set_title("seed 0, CPU: the longer runs")
-    line(axes[3], load("h200"), "width 64, batch 64, no LeCam", batch=64, scale=1e6)
+    line(axes[3], load("h200"), "width 64, batch 64, no LeCam", scale=1e6)
     axes[3].set_title("NVIDIA H200, 8 minutes (2026-11-30)")
     for i, ax in enumerate(axes):
         floor = 2.13 if i == 3 else 2.34
