@@ -25,6 +25,7 @@ CHANGES = {
     "3x lr": ("lr3x-s1", "lr3x-s2"),
     "cosine lr": ("cosine-s1", "cosine-s2"),
     "longer EMA": ("ema-longer-s1", "ema-longer-s2"),
+    "shorter EMA": ("ema-shorter-s1", "ema-shorter-s2"),
     "batch 16": ("batch16-s1", "batch16-s2"),
 }
 LONG_CPU = {"no LeCam, 30 min alone": "30min-2026-12-05", "LeCam 0.3, 30 min": "30min-lecam-s0",
